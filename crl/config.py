@@ -1,0 +1,375 @@
+"""One typed, frozen config tree read by every role (local launcher, pods, tests).
+
+Precedence: dataclass defaults < YAML file (`--config`) < command-line overrides
+(`--section.field value`, e.g. `--network.critic.depth 64`). `validate` checks every field before
+any process starts and names each bad field with its allowed values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+
+Activation = Literal["swish", "relu"]
+DType = Literal["float32", "bfloat16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    name: str = "point_maze_u"          # one of crl.envs.env_names()
+    episode_length: int = 0             # 0 = the env's default (1000 for Brax envs)
+    num_envs: int = 64                  # envs stepped by one actor process (vmapped)
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkConfig:
+    depth: int = 4                      # Dense layers inside residual blocks; multiple of 4
+    width: int = 256
+    activation: Activation = "swish"
+    residual: bool = True               # False: the same blocks without the skip connection
+    layer_norm: bool = True
+    remat: bool = False                 # rematerialise each block in the backward pass
+    dtype: DType = "float32"            # matmul compute dtype; params always float32
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworksConfig:
+    actor: NetworkConfig = NetworkConfig()
+    critic: NetworkConfig = NetworkConfig()   # both encoders phi(s, a) and psi(g)
+    repr_dim: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    batch_size: int = 256               # relabelled transitions per minibatch (global, all devices)
+    discount: float = 0.99              # goal sampling P(j) ∝ discount^(j - t)
+    actor_lr: float = 3e-4
+    critic_lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    logsumexp_penalty: float = 0.1
+    target_entropy_scale: float = 0.5   # H_target = -scale * |A|
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    capacity_steps: int = 200_000       # env steps held (items = capacity_steps / segment_length)
+    min_size_steps: int = 12_800        # env steps stored before sampling starts (prefill)
+    segment_length: int = 0             # steps per item; 0 = episode length
+    utd: float = 0.05                   # gradient steps per env step, held by the rate limiter
+    utd_tolerance: float = 0.1          # rate-limiter error buffer, as a fraction of min size
+    checkpoint_dir: str = ""            # "" = <run_dir>/replay_checkpoints
+    checkpoint_interval_s: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ActorConfig:
+    num_actors: int = 2                 # actor processes (the local launcher); k8s: replicas
+    param_refresh_s: float = 1.0        # how often the background thread asks for newer params
+    write_timeout_s: float = 30.0       # bound on every flush to Reverb
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    segments_per_call: int = 32         # segments sampled per compiled update call
+    minibatches_per_call: int = 8       # SGD steps inside one compiled call
+    total_env_steps: int = 400_000      # budget: the run stops when actors have stepped this many
+    num_devices: int = 0                # 0 = all local devices (pmap); 1 = no pmap
+    prefetch: int = 2                   # sampled batches in flight ahead of the update
+    checkpoint_dir: str = ""            # "" = <run_dir>/learner_checkpoints
+    checkpoint_every: int = 200         # SGD calls between Orbax checkpoints
+    publish_every: int = 1              # SGD calls between params publications
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    num_envs: int = 64
+    interval_s: float = 10.0            # how often the evaluator looks for newer params
+    far_goals: bool = False             # the paper's far-goal evaluation variant
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    replay_address: str = "127.0.0.1:18000"
+    params_address: str = "127.0.0.1:18001"
+    metrics_port: int = 19000           # local launcher: role k gets metrics_port + k
+    rpc_timeout_s: float = 10.0         # bound on every blocking call across processes
+    max_message_mb: int = 4             # gRPC chunk size for params streams
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    env: EnvConfig = EnvConfig()
+    network: NetworksConfig = NetworksConfig()
+    algo: AlgoConfig = AlgoConfig()
+    replay: ReplayConfig = ReplayConfig()
+    actor: ActorConfig = ActorConfig()
+    learner: LearnerConfig = LearnerConfig()
+    eval: EvalConfig = EvalConfig()
+    service: ServiceConfig = ServiceConfig()
+    run: RunConfig = RunConfig()
+
+    # Derived values: one place, so every role computes them the same way.
+    @property
+    def episode_length(self) -> int:
+        if self.env.episode_length:
+            return self.env.episode_length
+        from crl.envs import ENV_SPECS
+        return ENV_SPECS[self.env.name].episode_length
+
+    @property
+    def segment_length(self) -> int:
+        return self.replay.segment_length or self.episode_length
+
+    @property
+    def samples_per_insert(self) -> float:
+        """Reverb items sampled per item inserted so that gradient steps / env steps == utd.
+
+        One learner call samples segments_per_call items and takes minibatches_per_call steps;
+        one inserted item holds segment_length env steps.
+        """
+        steps_per_item_sampled = self.learner.minibatches_per_call / self.learner.segments_per_call
+        return self.replay.utd * self.segment_length / steps_per_item_sampled
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names every bad field and its allowed values."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Flattening, YAML, overrides.
+
+def _is_config(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def field_items(cls=Config, prefix: str = "") -> List[Tuple[str, Any, Any]]:
+    """[(dotted name, type, default)] of every leaf field, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if _is_config(tp):
+            out.extend(field_items(tp, name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append((name, tp, default))
+    return out
+
+
+def _coerce(name: str, tp, value):
+    """Converts a YAML/CLI value to the field's type, or raises ConfigError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{name}: {value!r} is not a boolean; use true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: {value!r} is not an integer")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: {value!r} is not an integer") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: {value!r} is not a number") from None
+    if tp is str:
+        return str(value)
+    raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def from_dict(data: Dict[str, Any], cls=Config, prefix: str = ""):
+    """Builds a config from a nested dict; unknown keys are errors (typos must not pass)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config field(s) {[prefix + u for u in unknown]}; "
+            f"fields of {prefix.rstrip('.') or 'the config'}: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if _is_config(tp):
+            kwargs[key] = from_dict(value, tp, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(prefix + key, tp, value)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def override(cfg: Config, dotted: Dict[str, Any]) -> Config:
+    """Returns cfg with dotted-name overrides applied, e.g. {"network.critic.depth": 64}."""
+    data = to_dict(cfg)
+    for name, value in dotted.items():
+        node = data
+        parts = name.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node, dict) or p not in node:
+                raise ConfigError(f"unknown config field {name!r}")
+            node = node[p]
+        if not isinstance(node, dict) or parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"unknown config field {name!r}")
+        node[parts[-1]] = value
+    return from_dict(data)
+
+
+def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """Defaults < YAML file < overrides; then validated."""
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        cfg = from_dict(data)
+    if overrides:
+        cfg = override(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def dumps(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation.
+
+def _errors(cfg: Config) -> List[str]:
+    from crl.envs import ENV_SPECS
+    errs: List[str] = []
+
+    def positive(name, value):
+        if value <= 0:
+            errs.append(f"{name} = {value}: must be > 0")
+
+    def non_negative(name, value):
+        if value < 0:
+            errs.append(f"{name} = {value}: must be >= 0")
+
+    if cfg.env.name not in ENV_SPECS:
+        errs.append(f"env.name = {cfg.env.name!r}: unknown env; choose one of {sorted(ENV_SPECS)}")
+    non_negative("env.episode_length", cfg.env.episode_length)
+    positive("env.num_envs", cfg.env.num_envs)
+
+    for role in ("actor", "critic"):
+        net: NetworkConfig = getattr(cfg.network, role)
+        pre = f"network.{role}"
+        if net.depth < 4 or net.depth % 4:
+            errs.append(f"{pre}.depth = {net.depth}: must be a positive multiple of 4 "
+                        "(Dense layers inside residual blocks of 4), e.g. 4, 8, 16, 64, 1024")
+        positive(f"{pre}.width", net.width)
+    positive("network.repr_dim", cfg.network.repr_dim)
+
+    a = cfg.algo
+    positive("algo.batch_size", a.batch_size)
+    if not 0.0 < a.discount < 1.0:
+        errs.append(f"algo.discount = {a.discount}: must be in (0, 1)")
+    for n in ("actor_lr", "critic_lr", "alpha_lr"):
+        positive(f"algo.{n}", getattr(a, n))
+    non_negative("algo.logsumexp_penalty", a.logsumexp_penalty)
+    non_negative("algo.target_entropy_scale", a.target_entropy_scale)
+
+    r = cfg.replay
+    positive("replay.capacity_steps", r.capacity_steps)
+    positive("replay.min_size_steps", r.min_size_steps)
+    non_negative("replay.segment_length", r.segment_length)
+    positive("replay.utd", r.utd)
+    positive("replay.utd_tolerance", r.utd_tolerance)
+    positive("replay.checkpoint_interval_s", r.checkpoint_interval_s)
+    if r.min_size_steps > r.capacity_steps:
+        errs.append(f"replay.min_size_steps = {r.min_size_steps}: must be <= "
+                    f"replay.capacity_steps = {r.capacity_steps}")
+
+    positive("actor.num_actors", cfg.actor.num_actors)
+    positive("actor.param_refresh_s", cfg.actor.param_refresh_s)
+    positive("actor.write_timeout_s", cfg.actor.write_timeout_s)
+
+    l = cfg.learner
+    positive("learner.segments_per_call", l.segments_per_call)
+    positive("learner.minibatches_per_call", l.minibatches_per_call)
+    positive("learner.total_env_steps", l.total_env_steps)
+    non_negative("learner.num_devices", l.num_devices)
+    if l.num_devices > 0 and a.batch_size % l.num_devices:
+        errs.append(f"algo.batch_size = {a.batch_size}: must be divisible by "
+                    f"learner.num_devices = {l.num_devices} (the batch is split across devices)")
+    positive("learner.prefetch", l.prefetch)
+    positive("learner.checkpoint_every", l.checkpoint_every)
+    positive("learner.publish_every", l.publish_every)
+
+    positive("eval.num_envs", cfg.eval.num_envs)
+    positive("eval.interval_s", cfg.eval.interval_s)
+    positive("service.rpc_timeout_s", cfg.service.rpc_timeout_s)
+    positive("service.max_message_mb", cfg.service.max_message_mb)
+    for n in ("replay_address", "params_address"):
+        addr = getattr(cfg.service, n)
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            errs.append(f"service.{n} = {addr!r}: must be host:port with port in 1..65535")
+    if not 0 < cfg.service.metrics_port < 65536:
+        errs.append(f"service.metrics_port = {cfg.service.metrics_port}: must be in 1..65535")
+
+    if errs:   # the derived checks below assume the fields above are sane
+        return errs
+    seg = cfg.segment_length
+    supply = l.segments_per_call * seg
+    if l.minibatches_per_call * a.batch_size > supply:
+        errs.append(
+            f"algo.batch_size = {a.batch_size} x learner.minibatches_per_call = "
+            f"{l.minibatches_per_call} needs {l.minibatches_per_call * a.batch_size} transitions per "
+            f"call, but one sample supplies learner.segments_per_call x segment length = "
+            f"{l.segments_per_call} x {seg} = {supply}; lower batch_size or minibatches_per_call, "
+            "or raise segments_per_call")
+    if seg > r.capacity_steps:
+        errs.append(f"replay.segment_length = {seg}: must be <= replay.capacity_steps = "
+                    f"{r.capacity_steps}")
+    if l.segments_per_call * seg > r.min_size_steps:
+        errs.append(f"replay.min_size_steps = {r.min_size_steps}: must hold at least one learner "
+                    f"sample (learner.segments_per_call x segment length = {supply} steps)")
+    return errs
+
+
+def validate(cfg: Config) -> Config:
+    errs = _errors(cfg)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+    return cfg
