@@ -1,0 +1,206 @@
+"""CRL losses and the update step: pure functions over an explicit TrainState.
+
+One SGD step on a minibatch of B relabelled transitions (state, action, goal):
+  1. actor and entropy temperature, with the pre-update critic;
+  2. critic: InfoNCE over the B x B logits f(s_i, a_i, g_j), positives on the diagonal, plus
+     logsumexp_penalty * mean(logsumexp_j^2).
+`make_learner` returns jitted functions: `update` (one minibatch), `update_many` (relabel a batch
+of segments, shuffle, run many minibatches in one compiled scan), and a pmap'ed `update_many`
+that splits the batch across local devices with exactly the single-device result: goal
+representations are all-gathered so every device sees the full B x B logits of its rows.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from crl.config import Config
+from crl.networks import CRLNetworks, pairwise_energy, rowwise_energy, squash_gaussian
+from crl.relabel import relabel
+
+AXIS = "devices"   # pmap axis name
+
+
+class TrainState(NamedTuple):
+    actor_params: Any
+    critic_params: Any
+    log_alpha: jax.Array          # scalar
+    actor_opt_state: Any
+    critic_opt_state: Any
+    alpha_opt_state: Any
+    key: jax.Array
+    steps: jax.Array              # SGD steps taken (int32 scalar)
+
+
+def _global_mean(x, axis_name):
+    return jax.lax.pmean(x, axis_name) if axis_name else x
+
+
+def critic_loss(critic_params, nets: CRLNetworks, batch, logsumexp_penalty: float,
+                axis_name: Optional[str] = None):
+    """InfoNCE (forward) with logsumexp regulariser. batch rows are this device's rows."""
+    sa = nets.encode_sa(critic_params, batch["state"], batch["action"])      # [b, D]
+    g = nets.encode_g(critic_params, batch["goal"])                          # [b, D]
+    if axis_name:
+        offset = jax.lax.axis_index(axis_name) * sa.shape[0]
+        g = jax.lax.all_gather(g, axis_name, tiled=True)                     # [B, D]
+    else:
+        offset = 0
+    logits = pairwise_energy(sa, g)                                          # [b, B]
+    labels = offset + jnp.arange(sa.shape[0])
+    positive = logits[jnp.arange(sa.shape[0]), labels]
+    lse = jax.nn.logsumexp(logits, axis=1)
+    loss = -jnp.mean(positive - lse) + logsumexp_penalty * jnp.mean(lse ** 2)
+    correct = jnp.argmax(logits, axis=1) == labels
+    negatives_mean = (jnp.sum(logits, axis=1) - positive) / (logits.shape[1] - 1)
+    metrics = {
+        "critic_loss": loss,
+        "logits_pos": jnp.mean(positive),
+        "logits_neg": jnp.mean(negatives_mean),
+        "logsumexp": jnp.mean(lse),
+        "categorical_accuracy": jnp.mean(correct.astype(jnp.float32)),
+    }
+    return loss, metrics
+
+
+def actor_loss(actor_params, critic_params, log_alpha, nets: CRLNetworks, batch, key,
+               axis_name: Optional[str] = None):
+    """mean(alpha * log pi(a|s,g) - f(s, a, g)), a ~ pi reparameterised; grads to the actor only.
+
+    The noise is drawn for the global batch and each device takes its rows, so a pmap'ed step
+    samples exactly the actions of the single-device step.
+    """
+    obs = jnp.concatenate([batch["state"], batch["goal"]], -1)
+    mean, log_std = nets.policy(actor_params, obs)
+    b = mean.shape[0]
+    if axis_name:
+        num_devices = jax.lax.psum(1, axis_name)
+        noise = jax.random.normal(key, (b * num_devices,) + mean.shape[1:])
+        noise = jax.lax.dynamic_slice_in_dim(noise, jax.lax.axis_index(axis_name) * b, b)
+    else:
+        noise = jax.random.normal(key, mean.shape)
+    action, log_prob = squash_gaussian(mean, log_std, noise)
+    sa = nets.encode_sa(critic_params, batch["state"], action)
+    g = nets.encode_g(critic_params, batch["goal"])
+    q = rowwise_energy(sa, g)
+    alpha = jnp.exp(jax.lax.stop_gradient(log_alpha))
+    loss = jnp.mean(alpha * log_prob - q)
+    return loss, {"actor_loss": loss, "entropy": -jnp.mean(log_prob), "q_policy": jnp.mean(q),
+                  "log_prob": log_prob}
+
+
+def alpha_loss(log_alpha, log_prob, target_entropy: float):
+    """alpha * mean(stop_grad(-log pi - H_target))."""
+    return jnp.exp(log_alpha) * jnp.mean(jax.lax.stop_gradient(-log_prob - target_entropy))
+
+
+class Learner(NamedTuple):
+    """The jitted algorithm of one config. All functions are pure."""
+    nets: CRLNetworks
+    init: Callable                  # key -> TrainState
+    sgd_step: Callable              # (TrainState, transitions [B]) -> (TrainState, metrics)
+    update_many: Callable           # (TrainState, segments [N, T]) -> (TrainState, metrics)
+    sgd_step_pmap: Optional[Callable]      # replicated state, transitions [D, B/D]
+    update_many_pmap: Optional[Callable]   # replicated state, segments [D, N/D, T]
+    num_devices: int
+
+
+def make_learner(cfg: Config, state_dim: int, action_dim: int, goal_indices: Sequence[int],
+                 num_devices: int = 1) -> Learner:
+    goal_indices = tuple(int(i) for i in goal_indices)
+    nets = CRLNetworks(cfg.network, state_dim, action_dim, len(goal_indices))
+    a = cfg.algo
+    actor_opt = optax.adam(a.actor_lr)
+    critic_opt = optax.adam(a.critic_lr)
+    alpha_opt = optax.adam(a.alpha_lr)
+    target_entropy = -a.target_entropy_scale * action_dim
+    batch_size = a.batch_size
+    num_minibatches = cfg.learner.minibatches_per_call
+
+    def init(key) -> TrainState:
+        key, k_init = jax.random.split(key)
+        actor_params, critic_params = nets.init(k_init)
+        log_alpha = jnp.zeros((), jnp.float32)
+        return TrainState(actor_params, critic_params, log_alpha,
+                          actor_opt.init(actor_params), critic_opt.init(critic_params),
+                          alpha_opt.init(log_alpha), key, jnp.zeros((), jnp.int32))
+
+    def sgd_step(ts: TrainState, batch, axis_name=None):
+        key, k_actor = jax.random.split(ts.key)
+        # 1. actor and temperature, with the pre-update critic.
+        (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+            ts.actor_params, ts.critic_params, ts.log_alpha, nets, batch, k_actor, axis_name)
+        log_prob = actor_metrics.pop("log_prob")
+        alpha_grad = jax.grad(alpha_loss)(ts.log_alpha, log_prob, target_entropy)
+        # 2. critic.
+        (_, critic_metrics), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
+            ts.critic_params, nets, batch, a.logsumexp_penalty, axis_name)
+        if axis_name:
+            # Each device's loss is the mean over its rows: the mean over devices is the global
+            # mean, and all_gather's transpose already routed the cross-device goal gradients.
+            actor_grads, critic_grads, alpha_grad = jax.lax.pmean(
+                (actor_grads, critic_grads, alpha_grad), axis_name)
+            actor_metrics = jax.lax.pmean(actor_metrics, axis_name)
+            critic_metrics = jax.lax.pmean(critic_metrics, axis_name)
+        updates, actor_opt_state = actor_opt.update(actor_grads, ts.actor_opt_state)
+        actor_params = optax.apply_updates(ts.actor_params, updates)
+        updates, alpha_opt_state = alpha_opt.update(alpha_grad, ts.alpha_opt_state)
+        log_alpha = optax.apply_updates(ts.log_alpha, updates)
+        updates, critic_opt_state = critic_opt.update(critic_grads, ts.critic_opt_state)
+        critic_params = optax.apply_updates(ts.critic_params, updates)
+        metrics = {**actor_metrics, **critic_metrics,
+                   "alpha": jnp.exp(log_alpha),
+                   "actor_grad_norm": optax.global_norm(actor_grads),
+                   "critic_grad_norm": optax.global_norm(critic_grads)}
+        new = TrainState(actor_params, critic_params, log_alpha, actor_opt_state,
+                         critic_opt_state, alpha_opt_state, key, ts.steps + 1)
+        return new, metrics
+
+    def update_many(ts: TrainState, segments, axis_name=None):
+        """Relabel [N, T] segments, shuffle, and run num_minibatches SGD steps (one scan).
+
+        Under pmap, N and batch_size are per device (the global batch split D ways).
+        """
+        per_device_batch = batch_size // (num_devices if axis_name else 1)
+        key, k_relabel, k_perm = jax.random.split(ts.key, 3)
+        if axis_name:   # different relabelling and shuffles on each device
+            dev = jax.lax.axis_index(axis_name)
+            k_relabel, k_perm = jax.random.fold_in(k_relabel, dev), jax.random.fold_in(k_perm, dev)
+        transitions = relabel(k_relabel, segments, a.discount, goal_indices)
+        n = transitions["state"].shape[0]
+        idx = jax.random.permutation(k_perm, n)[: num_minibatches * per_device_batch]
+        minibatches = jax.tree_util.tree_map(
+            lambda x: x[idx].reshape(num_minibatches, per_device_batch, -1), transitions)
+
+        def body(state, mb):
+            return sgd_step(state, mb, axis_name)
+
+        ts, metrics = jax.lax.scan(body, ts._replace(key=key), minibatches)
+        return ts, jax.tree_util.tree_map(jnp.mean, metrics)
+
+    sgd_step_pmap = update_many_pmap = None
+    if num_devices > 1:
+        sgd_step_pmap = jax.pmap(functools.partial(sgd_step, axis_name=AXIS), axis_name=AXIS)
+        update_many_pmap = jax.pmap(functools.partial(update_many, axis_name=AXIS),
+                                    axis_name=AXIS, donate_argnums=(0,))
+    return Learner(nets, jax.jit(init), jax.jit(sgd_step), jax.jit(update_many, donate_argnums=(0,)),
+                   sgd_step_pmap, update_many_pmap, num_devices)
+
+
+def replicate(tree, num_devices: int):
+    """Copies a pytree onto num_devices local devices (leading axis) for the pmap'ed update."""
+    return jax.device_put_replicated(tree, jax.local_devices()[:num_devices])
+
+
+def unreplicate(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def shard_segments(segments: Dict[str, Any], num_devices: int):
+    """[N, T, ...] -> [D, N/D, T, ...] for the pmap'ed update."""
+    return jax.tree_util.tree_map(
+        lambda x: x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:]), segments)
