@@ -204,3 +204,51 @@ def shard_segments(segments: Dict[str, Any], num_devices: int):
     """[N, T, ...] -> [D, N/D, T, ...] for the pmap'ed update."""
     return jax.tree_util.tree_map(
         lambda x: x.reshape((num_devices, x.shape[0] // num_devices) + x.shape[1:]), segments)
+
+
+def resolve_num_devices(requested: int) -> int:
+    """0 = all local devices; otherwise the requested count, checked against what exists."""
+    available = jax.local_device_count()
+    if requested == 0:
+        return available
+    if requested > available:
+        raise ValueError(f"learner.num_devices = {requested} but only {available} local devices "
+                         f"exist ({jax.local_devices()}); lower it or set 0 for all")
+    return requested
+
+
+class Updater:
+    """Holds the TrainState of one learner and applies the compiled update to sampled segments.
+
+    The thin stateful shell shared by the in-process driver and the learner role: it picks the
+    single-device or the pmap'ed update and hides replication.
+    """
+
+    def __init__(self, cfg: Config, state_dim: int, action_dim: int, goal_indices, key,
+                 num_devices: int = 1):
+        self.num_devices = num_devices
+        self.learner = make_learner(cfg, state_dim, action_dim, goal_indices, num_devices)
+        state = self.learner.init(key)
+        self.state = replicate(state, num_devices) if num_devices > 1 else state
+
+    def update(self, segments) -> Dict[str, float]:
+        """segments {state [N, T, S], action [N, T, A], episode_id [N, T]} -> metrics (floats)."""
+        segments = {k: segments[k] for k in ("state", "action", "episode_id")}
+        if self.num_devices > 1:
+            self.state, metrics = self.learner.update_many_pmap(
+                self.state, shard_segments(segments, self.num_devices))
+            metrics = unreplicate(metrics)
+        else:
+            self.state, metrics = self.learner.update_many(self.state, segments)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def host_state(self) -> TrainState:
+        """The (unreplicated) TrainState, e.g. for checkpoints and publishing."""
+        return unreplicate(self.state) if self.num_devices > 1 else self.state
+
+    def load_state(self, state: TrainState) -> None:
+        self.state = replicate(state, self.num_devices) if self.num_devices > 1 else state
+
+    @property
+    def sgd_steps(self) -> int:
+        return int(self.host_state().steps)

@@ -8,7 +8,7 @@ goal from another episode. Actors never choose training goals: the learner relab
     action         [T, action_dim] float32  the action taken in `state` (in [-1, 1])
     episode_id     [T]             int32    equal ids = same episode (unique per actor and env)
     truncation     [T]             float32  1.0 where the episode ended by its time limit
-    params_version [T]             int64    version of the policy params that chose the action
+    params_version [T]             int32    version of the policy params that chose the action
 """
 from __future__ import annotations
 
@@ -34,5 +34,5 @@ def segment_spec(state_dim: int, action_dim: int, length: int) -> Dict[str, Tupl
         "action": ((length, action_dim), np.dtype(np.float32)),
         "episode_id": ((length,), np.dtype(np.int32)),
         "truncation": ((length,), np.dtype(np.float32)),
-        "params_version": ((length,), np.dtype(np.int64)),
+        "params_version": ((length,), np.dtype(np.int32)),
     }
