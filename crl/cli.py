@@ -131,7 +131,7 @@ def _role_entry(command: str):
     if command == "local":
         from crl.launcher import main as entry
     elif command == "replay":
-        from replay.server import main as entry
+        entry = _replay_main
     elif command == "learner":
         from learner.role import main as entry
     elif command == "actor":
@@ -141,6 +141,16 @@ def _role_entry(command: str):
     else:
         raise ValueError(command)
     return entry
+
+
+def _replay_main(cfg: C.Config, args) -> int:
+    """`crl replay`: the table signature comes from the env's state and action sizes."""
+    import logging
+    from crl.envs import make_env
+    from replay.server import run
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s replay %(levelname)s %(message)s")
+    env = make_env(cfg.env.name)
+    return run(cfg, env.state_dim, env.action_size, metrics_port=args.metrics_port)
 
 
 if __name__ == "__main__":

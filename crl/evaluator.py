@@ -1,0 +1,78 @@
+"""The evaluator role: deterministic episodes with the newest params, per params version.
+
+Polls the ParameterService every `eval.interval_s`; for each new version runs `eval.num_envs`
+episodes with tanh(mean) actions (crl.rollout.Unroller.evaluate, as the driver does), exports
+time at goal and success, and appends a line to <run_dir>/eval.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Optional
+
+import jax
+import prometheus_client as prom
+
+from crl import metrics as M
+from crl.config import Config
+from crl.envs import make_env
+from crl.networks import CRLNetworks
+from crl.params_service import ParameterClient
+from crl.rollout import Unroller
+
+TIME_AT_GOAL = prom.Gauge("crl_eval_time_at_goal", "Mean steps at goal per episode (0..episode length)")
+SUCCESS = prom.Gauge("crl_eval_success", "Fraction of episodes that reached the goal")
+VERSION = prom.Gauge("crl_eval_params_version", "Params version of the last evaluation")
+EVALS = prom.Counter("crl_eval_evaluations_total", "Evaluations run")
+EVAL_SECONDS = prom.Gauge("crl_eval_seconds", "Duration of the last evaluation")
+
+
+def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
+    log = log or M.setup_logging("evaluator")
+    stop = stop or threading.Event()
+    env = make_env(cfg.env.name, far_goals=cfg.eval.far_goals)
+    nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
+    template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
+    unroller = Unroller(env, nets, cfg.eval.num_envs, cfg.episode_length)
+    client = ParameterClient(cfg.service.params_address, timeout_s=cfg.service.rpc_timeout_s,
+                             template=template, max_message_mb=cfg.service.max_message_mb)
+    os.makedirs(cfg.run.run_dir, exist_ok=True)
+    history = os.path.join(cfg.run.run_dir, "eval.jsonl")
+    key = jax.random.PRNGKey(cfg.run.seed + 12345)
+    version = -1
+    while not stop.is_set():
+        try:
+            got = client.get(min_version=version, subset="actor")
+        except Exception as e:
+            log.info("no params yet from %s (%s)", cfg.service.params_address, type(e).__name__)
+            got = None
+        if got is not None:
+            version, tree = got
+            t0 = time.perf_counter()
+            key, k = jax.random.split(key)   # fresh episodes for each version
+            result = unroller.evaluate(k, tree["actor"])
+            row = {"params_version": version, "time_at_goal": float(result["time_at_goal"]),
+                   "success": float(result["success"]), "unix_s": time.time()}
+            EVAL_SECONDS.set(time.perf_counter() - t0)
+            TIME_AT_GOAL.set(row["time_at_goal"])
+            SUCCESS.set(row["success"])
+            VERSION.set(version)
+            EVALS.inc()
+            with open(history, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("version %d: time_at_goal=%.1f success=%.2f", version, row["time_at_goal"],
+                     row["success"])
+        stop.wait(cfg.eval.interval_s)
+    return 0
+
+
+def main(cfg: Config, args) -> int:
+    log = M.setup_logging("evaluator")
+    M.serve(M.metrics_port(cfg, args), cfg.service.host)
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    return run(cfg, stop, log)

@@ -1,0 +1,194 @@
+"""`crl local`: every role as its own process on this machine, from one config.
+
+replay -> learner -> evaluator -> actors, each `python -m crl.cli ROLE --config <run_dir>/config.yaml`
+with its own /metrics port (service.metrics_port + k) and log file (<run_dir>/logs/ROLE.log).
+Shows a progress line read from the roles' metrics, restarts a child that crashed, and stops
+everything (SIGTERM, then SIGKILL after a bound) on Ctrl-C or when the learner reports the step
+budget reached. Writes <run_dir>/summary.json with the last metrics of every role.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+from crl import metrics as M
+from crl.config import Config, dump
+
+MAX_RESTARTS = 5
+STOP_TIMEOUT_S = 60.0
+
+
+class Child:
+    def __init__(self, name: str, role: str, extra: List[str], metrics_port: int, cfg_path: str,
+                 log_dir: str):
+        self.name, self.role, self.metrics_port = name, role, metrics_port
+        self.argv = [sys.executable, "-m", "crl.cli", role, "--config", cfg_path,
+                     "--metrics-port", str(metrics_port)] + extra
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.restarts = 0
+        self.exit_codes: List[int] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def start(self) -> None:
+        log = open(self.log_path, "a")
+        log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n")
+        log.flush()
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+                   PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=env)
+        log.close()
+
+    def poll(self) -> Optional[int]:
+        return None if self.proc is None else self.proc.poll()
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait_or_kill(self, timeout_s: float) -> int:
+        if self.proc is None:
+            return 0
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+
+
+def _wait_port(address: str, timeout_s: float, child: Child) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError(f"{child.name} exited with {child.poll()} during start-up; "
+                               f"see {child.log_path}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{child.name} did not open {address} within {timeout_s:.0f}s; "
+                       f"see {child.log_path}")
+
+
+def _get(m: Dict[str, float], name: str, default=float("nan")) -> float:
+    return m.get(name, default)
+
+
+def progress_line(scraped: Dict[str, Dict[str, float]], actors: List[str], t: float) -> str:
+    learner, ev = scraped.get("learner", {}), scraped.get("evaluator", {})
+    env_steps = sum(_get(scraped.get(a, {}), "crl_actor_env_steps_total", 0.0) for a in actors)
+    versions = [int(_get(scraped.get(a, {}), "crl_actor_params_version", -1)) for a in actors]
+    return (f"[local {t:6.0f}s] env_steps={env_steps:,.0f} "
+            f"sgd_steps={_get(learner, 'crl_learner_sgd_steps', 0):,.0f} "
+            f"utd={_get(learner, 'crl_learner_utd'):.4f}/{_get(learner, 'crl_learner_utd_target'):.4f} "
+            f"version={_get(learner, 'crl_learner_params_version', -1):.0f} "
+            f"actor_versions={versions} lag={_get(learner, 'crl_learner_policy_lag'):.1f} "
+            f"time_at_goal={_get(ev, 'crl_eval_time_at_goal'):.1f} "
+            f"(v{_get(ev, 'crl_eval_params_version', -1):.0f})")
+
+
+def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float = 300.0,
+        out=sys.stdout) -> int:
+    run_dir = cfg.run.run_dir
+    log_dir = os.path.join(run_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    dump(cfg, cfg_path)
+    base = cfg.service.metrics_port
+    replay = Child("replay", "replay", [], base, cfg_path, log_dir)
+    learner = Child("learner", "learner", [], base + 1, cfg_path, log_dir)
+    evaluator = Child("evaluator", "evaluate", [], base + 2, cfg_path, log_dir)
+    actors = [Child(f"actor{i}", "actor", ["--actor-id", str(i)], base + 3 + i, cfg_path, log_dir)
+              for i in range(cfg.actor.num_actors)]
+    children = [replay, learner, evaluator] + actors
+
+    interrupted = []
+    previous = {s: signal.signal(s, lambda *_: interrupted.append(1))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    scraped: Dict[str, Dict[str, float]] = {}
+    versions_seen: Dict[str, List[int]] = {a.name: [] for a in actors}
+    t0 = time.monotonic()
+    status = 0
+    try:
+        print(f"[local] run dir {run_dir}; logs in {log_dir}", file=out, flush=True)
+        replay.start()
+        _wait_port(cfg.service.replay_address, startup_timeout_s, replay)
+        learner.start()
+        _wait_port(cfg.service.params_address, startup_timeout_s, learner)
+        for c in [evaluator] + actors:
+            c.start()
+        last_progress = 0.0
+        while not interrupted:
+            time.sleep(0.5)
+            rc = learner.poll()
+            if rc == 0:
+                print("[local] learner reached the step budget; stopping", file=out, flush=True)
+                break
+            for c in children:
+                rc = c.poll()
+                if rc is None:
+                    continue
+                c.exit_codes.append(rc)
+                if c.restarts >= MAX_RESTARTS:
+                    raise RuntimeError(f"{c.name} crashed {c.restarts + 1} times (last exit {rc}); "
+                                       f"see {c.log_path}")
+                c.restarts += 1
+                print(f"[local] {c.name} exited with {rc}; restart {c.restarts}/{MAX_RESTARTS}",
+                      file=out, flush=True)
+                c.start()
+            now = time.monotonic()
+            if now - last_progress >= progress_every_s:
+                for c in children:
+                    m = M.scrape(c.url, timeout_s=1.0)
+                    if m:
+                        scraped[c.name] = m
+                for a in actors:
+                    v = scraped.get(a.name, {}).get("crl_actor_params_version")
+                    if v is not None and (not versions_seen[a.name] or versions_seen[a.name][-1] != v):
+                        versions_seen[a.name].append(int(v))
+                print(progress_line(scraped, [a.name for a in actors], now - t0), file=out,
+                      flush=True)
+                last_progress = now
+        if interrupted:
+            print("[local] interrupted; stopping every role", file=out, flush=True)
+    except Exception as e:
+        print(f"[local] error: {e}", file=out, flush=True)
+        status = 1
+    finally:
+        for c in actors + [evaluator]:   # final metrics of the roles that are still up
+            m = M.scrape(c.url, timeout_s=1.0)
+            if m:
+                scraped[c.name] = m
+        exits = {}
+        # Producers first, replay last, so nothing is written to a stopped server.
+        for group in (actors, [evaluator], [learner], [replay]):
+            for c in group:
+                c.terminate()
+            for c in group:
+                exits[c.name] = c.wait_or_kill(STOP_TIMEOUT_S)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        summary = {"metrics": scraped, "exit_codes": exits,
+                   "restarts": {c.name: c.restarts for c in children},
+                   "actor_versions_seen": versions_seen, "wall_s": time.monotonic() - t0}
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"[local] stopped; exit codes {exits}; summary in {run_dir}/summary.json", file=out,
+              flush=True)
+    return status
+
+
+def main(cfg: Config, args) -> int:
+    return run(cfg)

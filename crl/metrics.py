@@ -1,0 +1,57 @@
+"""Prometheus helpers shared by the roles: serve /metrics, read another role's /metrics.
+
+Names start with `crl_` and carry their unit (`_seconds`, `_total`, `_bytes`), per DESIGN.md.
+"""
+from __future__ import annotations
+
+import logging
+import urllib.request
+from typing import Dict, Optional
+
+import prometheus_client
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def serve(port: int, host: str = "127.0.0.1") -> None:
+    """Starts the /metrics HTTP endpoint of this process (a daemon thread)."""
+    prometheus_client.start_http_server(port, addr=host)
+
+
+def scrape(url: str, timeout_s: float = 2.0) -> Dict[str, float]:
+    """{sample name with labels: value} of a /metrics endpoint; {} if it does not answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    out: Dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+def setup_logging(role: str, level: int = logging.INFO) -> logging.Logger:
+    logging.basicConfig(level=level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    return logging.getLogger(f"crl.{role}")
+
+
+class Backoff:
+    """Exponential backoff for reconnect loops: 0.1 s doubling to `cap_s`."""
+
+    def __init__(self, cap_s: float = 5.0):
+        self.cap_s, self.delay = cap_s, 0.1
+
+    def next(self) -> float:
+        d = self.delay
+        self.delay = min(self.delay * 2, self.cap_s)
+        return d
+
+    def reset(self) -> None:
+        self.delay = 0.1
+
+
+def metrics_port(cfg, args, offset: int = 0) -> int:
+    port: Optional[int] = getattr(args, "metrics_port", None)
+    return port if port is not None else cfg.service.metrics_port + offset

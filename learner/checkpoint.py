@@ -1,0 +1,46 @@
+"""The learner's full state on disk, with Orbax.
+
+Saved: every param, every optimiser state, log alpha, the RNG key, the SGD step counter (all in
+the TrainState), plus the host counters: params version, env steps seen, update calls. Orbax
+writes each step into a temporary directory and renames it when complete, so an interrupted save
+is never the one restored; `latest_step` only lists finished ones.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from crl.learning import TrainState
+
+
+class LearnerCheckpointer:
+    def __init__(self, directory: str, max_to_keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+
+    def save(self, step: int, state: TrainState, counters: Dict[str, int]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state._asdict()),
+            counters=ocp.args.JsonSave({k: int(v) for k, v in counters.items()})))
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def restore(self, template: TrainState) -> Optional[Tuple[TrainState, Dict[str, int]]]:
+        """The newest complete checkpoint as (TrainState, counters), or None if there is none."""
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), counters=ocp.args.JsonRestore()))
+        return TrainState(**restored["state"]), {k: int(v) for k, v in restored["counters"].items()}
+
+    def close(self) -> None:
+        self.manager.close()
