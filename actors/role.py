@@ -10,7 +10,6 @@ Thin shell around crl.rollout.Unroller (the same unroll the in-process driver us
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 from typing import Optional
@@ -169,6 +168,7 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
         LEARNER_VERSION.set(max(version, refresher.version))
         LAG.set(max(version, refresher.version) - version)
     refresher.stop()
+    client.close()
     if writer is not None:
         try:
             writer.close()
@@ -179,9 +179,4 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
 
 
 def main(cfg: Config, args) -> int:
-    log = M.setup_logging(f"actor{args.actor_id}")
-    M.serve(M.metrics_port(cfg, args), cfg.service.host)
-    stop = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: stop.set())
-    return run(cfg, args.actor_id, stop, log)
+    return M.run_role(f"actor{args.actor_id}", cfg, args, lambda stop, log: run(cfg, args.actor_id, stop, log))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from typing import Optional
@@ -66,13 +65,9 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             log.info("version %d: time_at_goal=%.1f success=%.2f", version, row["time_at_goal"],
                      row["success"])
         stop.wait(cfg.eval.interval_s)
+    client.close()
     return 0
 
 
 def main(cfg: Config, args) -> int:
-    log = M.setup_logging("evaluator")
-    M.serve(M.metrics_port(cfg, args), cfg.service.host)
-    stop = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: stop.set())
-    return run(cfg, stop, log)
+    return M.run_role("evaluator", cfg, args, lambda stop, log: run(cfg, stop, log))

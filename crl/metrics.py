@@ -52,6 +52,30 @@ class Backoff:
         self.delay = 0.1
 
 
+def run_role(role: str, cfg, args, run_fn) -> int:
+    """Common main of a role process: logging, /metrics, SIGTERM/SIGINT -> graceful stop.
+
+    run_fn(stop_event, log) does the work and returns when stop is set. A watchdog ends the
+    process if library threads (gRPC, TensorFlow) keep it alive after run_fn returned, so a
+    stopped role always exits within a bounded time.
+    """
+    import os
+    import signal
+    import threading
+    log = setup_logging(role)
+    serve(metrics_port(cfg, args), cfg.service.host)
+    stop = threading.Event()
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, lambda *_: stop.set())
+    code = run_fn(stop, log)
+    log.info("exiting with %d", code)
+    logging.shutdown()
+    timer = threading.Timer(15.0, lambda: os._exit(code))
+    timer.daemon = True
+    timer.start()
+    return code
+
+
 def metrics_port(cfg, args, offset: int = 0) -> int:
     port: Optional[int] = getattr(args, "metrics_port", None)
     return port if port is not None else cfg.service.metrics_port + offset

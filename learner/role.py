@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import threading
 import time
 from typing import Optional
@@ -192,9 +191,4 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
 
 
 def main(cfg: Config, args) -> int:
-    log = M.setup_logging("learner")
-    M.serve(M.metrics_port(cfg, args), cfg.service.host)
-    stop = threading.Event()
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, lambda *_: stop.set())
-    return run(cfg, stop, log)
+    return M.run_role("learner", cfg, args, lambda stop, log: run(cfg, stop, log))
