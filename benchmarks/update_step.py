@@ -33,7 +33,8 @@ def machine() -> dict:
 
 
 def bench(depth: int, batch: int, width: int, steps: int, remat: bool, dtype: str) -> dict:
-    overrides = {"algo.batch_size": batch, "learner.segments_per_call": max(batch // 100 + 1, 32),
+    overrides = {"algo.batch_size": batch, "learner.minibatches_per_call": 1,
+                 "learner.segments_per_call": max(batch // 100 + 1, 1),
                  "replay.min_size_steps": 100_000, "replay.capacity_steps": 1_000_000}
     for net in ("actor", "critic"):
         overrides.update({f"network.{net}.depth": depth, f"network.{net}.width": width,

@@ -1,37 +1,13 @@
 """End to end: `crl local` with two actors on the point-mass maze, every role its own process,
 talking over real sockets (Reverb gRPC, the ParameterService, Prometheus /metrics) on 127.0.0.1."""
 import json
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from crl.rollout import random_policy_time_at_goal
-
-
-def free_port_block(n: int) -> int:
-    """A base port with n free consecutive ports (checked by binding each)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                sk = socket.socket()
-                sk.bind(("127.0.0.1", p))
-                socks.append(sk)
-            return base
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-    raise RuntimeError("no free port block")
+from helpers import free_port_block
 
 
 @pytest.fixture(scope="module")
