@@ -26,6 +26,30 @@ SUBCOMMANDS = {
 }
 
 
+# Tool subcommands that are not roles: module -> must define HELP (str), add_arguments(parser)
+# and main(args) -> int, and stay cheap to import (no JAX/TF at import time): `crl --help`
+# imports them all.
+TOOL_COMMANDS = {
+    "cluster": "crl.cluster",
+    "sweep": "crl.research.sweep",
+    "report": "crl.research.report",
+    "critic-map": "crl.research.critic_map",
+    "render": "crl.research.render",
+}
+
+
+def _tool_modules():
+    import importlib
+    out = {}
+    for name, module in TOOL_COMMANDS.items():
+        try:
+            out[name] = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module and not module.startswith(str(e.name)):
+                raise
+    return out
+
+
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:
         return "{" + ",".join(map(str, typing.get_args(tp))) + "}"
@@ -68,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--metrics-port", type=int, default=None,
                            help="port of this role's /metrics (default: service.metrics_port)")
         add_config_options(p)
+    for name, module in _tool_modules().items():
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(tool_main=module.main)
     return parser
 
 
@@ -101,6 +129,12 @@ def prepare_run_dir(cfg: C.Config) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "tool_main", None) is not None:
+        try:
+            return args.tool_main(args)
+        except C.ConfigError as e:
+            print(f"crl {args.command}: {e}", file=sys.stderr)
+            return 2
     try:
         if args.command == "local" and args.actors is not None:
             setattr(args, "cfg:actor.num_actors", args.actors)
