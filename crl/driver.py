@@ -51,9 +51,10 @@ class SegmentStore:
         return self._sample(self.data, key, self.size, n)
 
 
-def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], None]] = print
-          ) -> List[Dict[str, float]]:
-    """Trains for cfg.learner.total_env_steps env steps; returns the evaluation history."""
+def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], None]] = print,
+          return_state: bool = False):
+    """Trains for cfg.learner.total_env_steps env steps; returns the evaluation history
+    (a list of dicts), or (history, final TrainState) with return_state=True."""
     env = make_env(cfg.env.name)
     key = jax.random.PRNGKey(cfg.run.seed)
     k_learner, k_actor, k_eval, k_sample = jax.random.split(key, 4)
@@ -78,14 +79,13 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
     while True:
         if env_steps >= next_eval:
             k_eval, k = jax.random.split(k_eval)
-            ev = eval_unroller.evaluate(k, updater.state.actor_params if updater.num_devices == 1
-                                        else updater.host_state().actor_params)
+            ev = eval_unroller.evaluate(k, updater.host_state().actor_params)
             row = {"env_steps": env_steps, "sgd_steps": sgd_calls * cfg.learner.minibatches_per_call,
                    "time_at_goal": float(ev["time_at_goal"]), "success": float(ev["success"]),
                    "wall_s": time.time() - t0, **metrics}
             history.append(row)
             if log:
-                log(f"[driver] env_steps={env_steps} sgd_steps={row['sgd_steps']} "
+                log(f"[driver] env_steps={env_steps:,} sgd_steps={row['sgd_steps']:,} "
                     f"time_at_goal={row['time_at_goal']:.1f} success={row['success']:.2f} "
                     f"critic_loss={metrics.get('critic_loss', float('nan')):.3f} "
                     f"acc={metrics.get('categorical_accuracy', float('nan')):.3f} "
@@ -102,4 +102,6 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
             k_sample, k = jax.random.split(k_sample)
             metrics = updater.update(store.sample(k, cfg.learner.segments_per_call))
             sgd_calls += 1
+    if return_state:
+        return history, updater.host_state()
     return history
