@@ -7,6 +7,7 @@ is never the one restored; `latest_step` only lists finished ones.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -14,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from crl.learning import TrainState
+
+log = logging.getLogger("crl.learner.checkpoint")
 
 
 class LearnerCheckpointer:
@@ -33,14 +36,32 @@ class LearnerCheckpointer:
         return self.manager.latest_step()
 
     def restore(self, template: TrainState) -> Optional[Tuple[TrainState, Dict[str, int]]]:
-        """The newest complete checkpoint as (TrainState, counters), or None if there is none."""
-        step = self.manager.latest_step()
-        if step is None:
-            return None
+        """The newest readable checkpoint as (TrainState, counters), or None if there is none.
+
+        A checkpoint that fails to load (corrupted on disk, or written by a different network
+        shape) is logged and skipped for the previous one; if none loads, the error of the
+        newest is raised, naming the directory.
+        """
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), counters=ocp.args.JsonRestore()))
-        return TrainState(**restored["state"]), {k: int(v) for k, v in restored["counters"].items()}
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        errors = []
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), counters=ocp.args.JsonRestore()))
+            except Exception as e:   # orbax raises several types for unreadable data
+                log.error("learner checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
+                          self.directory, step, type(e).__name__, str(e)[:300])
+                errors.append((step, e))
+                continue
+            counters = {k: int(v) for k, v in restored["counters"].items()}
+            return TrainState(**restored["state"]), counters
+        if errors:
+            step, e = errors[0]
+            raise RuntimeError(f"no readable learner checkpoint in {self.directory} (newest: step "
+                               f"{step}: {type(e).__name__}: {e}); move the directory away to "
+                               "start fresh, or point learner.checkpoint_dir elsewhere") from e
+        return None
 
     def close(self) -> None:
         self.manager.close()

@@ -42,7 +42,6 @@ VERSION = prom.Gauge("crl_learner_params_version", "Newest published params vers
 LAG = prom.Gauge("crl_learner_policy_lag", "Params version minus the mean version of the sampled data")
 PUBLISH_SECONDS = prom.Histogram("crl_learner_publish_seconds", "Time to publish params",
                                  buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 2, 5))
-PUBLISH_BYTES = prom.Gauge("crl_learner_publish_bytes", "Size of the published params")
 CHECKPOINT_SECONDS = prom.Gauge("crl_learner_checkpoint_seconds", "Duration of the last checkpoint")
 NONFINITE = prom.Counter("crl_learner_nonfinite_updates_total",
                          "Updates whose loss or params were NaN/Inf (dropped, state rolled back)")
