@@ -1,6 +1,6 @@
 """Tests of the MJX arm environments (crl/envs/arm.py).
 
-MJX compiles slowly on CPU (~25 s for a reset, ~45 s for a step), so the default tests share one
+MJX compiles slowly on CPU (tens of seconds per jitted function), so the default tests share one
 jitted, vmapped push-easy reset and one jitted unroll (module fixture, N envs x T steps); the other
 two tasks are checked by shapes (jax.eval_shape traces without compiling) and by their pure-JAX
 cube/goal samplers. Scripted pick-and-place / push and the 64-env throughput run are `slow`.
@@ -194,6 +194,24 @@ def test_inverse_kinematics_matches_model():
         assert d.qpos[9] == 0.0 and d.qpos[11] == 0.0
 
 
+def _qmul(a, b):
+    w1, x1, y1, z1 = a
+    w2, x2, y2, z2 = b
+    return np.array([w1 * w2 - x1 * x2 - y1 * y2 - z1 * z2, w1 * x2 + x1 * w2 + y1 * z2 - z1 * y2,
+                     w1 * y2 - x1 * z2 + y1 * w2 + z1 * x2, w1 * z2 + x1 * y2 - y1 * x2 + z1 * w2])
+
+
+def test_cube_yaw_features_any_face_down():
+    s = np.sqrt(0.5)
+    faces = [np.array([1.0, 0, 0, 0]), np.array([s, s, 0, 0]), np.array([s, 0, s, 0]),
+             np.array([0.0, 1, 0, 0]), np.array([s, 0, -s, 0])]
+    for yaw in (0.0, 0.3, 1.0, -0.7, 2.5):
+        qz = np.array([np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)])
+        for f in faces:
+            feat = np.asarray(arm.cube_yaw_features(jnp.asarray(_qmul(qz, f), jnp.float32)))
+            np.testing.assert_allclose(feat, [np.cos(4 * yaw), np.sin(4 * yaw)], atol=1e-5)
+
+
 def _samples(env, n=1024):
     cube, goal = jax.vmap(env._sample_cube_goal)(jax.random.split(jax.random.PRNGKey(7), n))
     return np.asarray(cube), np.asarray(goal)
@@ -205,10 +223,14 @@ def test_start_and_goal_distributions(name):
     cube, goal = _samples(near)
     cube_f, goal_f = _samples(far)
     np.testing.assert_allclose(cube[:, 2], arm.CUBE_HALF)
-    for c, g in ((cube_f, goal_f), (cube, goal)):
-        # Far samples stay inside the ordinary ranges.
-        assert (c[:, :2] >= cube[:, :2].min(0) - 1e-6).all() and (c[:, :2] <= cube[:, :2].max(0) + 1e-6).all()
-        assert (g >= goal.min(0) - 1e-6).all() and (g <= goal.max(0) + 1e-6).all()
+    c_lo = np.subtract(near._cube_c, near._cube_h) - 1e-6
+    c_hi = np.add(near._cube_c, near._cube_h) + 1e-6
+    g_lo = np.subtract(near._goal_c, near._goal_h) - 1e-6
+    g_hi = np.add(near._goal_c, near._goal_h) + 1e-6
+    for c, g in ((cube, goal), (cube_f, goal_f)):   # far samples stay in the ordinary ranges
+        assert ((c[:, :2] >= c_lo) & (c[:, :2] <= c_hi)).all()
+        assert ((g[:, :2] >= g_lo) & (g[:, :2] <= g_hi)).all()
+    np.testing.assert_allclose(goal_f[:, 2], goal[0, 2])
     dist, dist_f = np.linalg.norm(goal - cube, axis=-1), np.linalg.norm(goal_f - cube_f, axis=-1)
     assert dist_f.mean() > dist.mean() + 0.05
     assert np.quantile(dist_f, 0.1) > np.quantile(dist, 0.5)
@@ -285,20 +307,29 @@ def test_scripted_pick_and_place_binpick():
 @pytest.mark.slow
 def test_scripted_push_easy():
     env = ArmPush(hard=False)
-    contact = arm.CUBE_HALF + 0.012
 
     def waypoints(t, obs, s0):
-        cube, goal = obs[0:3], obs[17:20]
-        d0 = s0.obs[17:19] - s0.obs[0:2]
-        d0 = d0 / jnp.linalg.norm(d0)
-        behind0 = jnp.concatenate([s0.obs[0:2] - 0.08 * d0, jnp.array([arm.CUBE_HALF])])
+        # Memoryless pusher: when the closed fingers sit low right behind the cube (w.r.t. the
+        # goal), push slowly towards the goal; otherwise go (high, unless already there) to the
+        # point behind the cube. Hold still once the cube is within 0.05 of the goal.
+        del t, s0
+        cube, goal, ee = obs[0:3], obs[17:20], obs[6:9]
+        z0 = arm.CUBE_HALF
         v = goal[:2] - cube[:2]
         dist = jnp.linalg.norm(v)
         d = v / jnp.maximum(dist, 1e-6)
-        push = cube[:2] - contact * d + jnp.minimum(dist, 0.03) * d
-        target = jnp.where(t < 20, behind0 + jnp.array([0.0, 0.0, 0.08]),
-                           jnp.where(t < 35, behind0,
-                                     jnp.concatenate([push, jnp.array([arm.CUBE_HALF])])))
+        rel = ee[:2] - cube[:2]
+        along = jnp.dot(rel, d)
+        lateral = jnp.linalg.norm(rel - along * d)
+        behind = cube[:2] - 0.07 * d
+        low = ee[2] < z0 + 0.01
+        aligned = low & (along < -0.02) & (along > -0.09) & (lateral < 0.015)
+        near_behind = jnp.linalg.norm(ee[:2] - behind) < 0.015
+        push = jnp.concatenate([ee[:2] + 0.012 * d, jnp.array([z0])])
+        descend = jnp.concatenate([behind, jnp.array([z0])])
+        travel = jnp.concatenate([behind, jnp.array([z0 + 0.07])])
+        target = jnp.where(aligned, push, jnp.where(near_behind, descend, travel))
+        target = jnp.where(dist < 0.05, ee, target)
         return target, jnp.float32(1.0), jnp.float32(0.0)
 
     run = _scripted(env, waypoints, 150)
