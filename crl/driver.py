@@ -52,9 +52,13 @@ class SegmentStore:
 
 
 def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], None]] = print,
-          return_state: bool = False):
+          return_state: bool = False,
+          on_eval: Optional[Callable[[Dict[str, float], "object"], None]] = None):
     """Trains for cfg.learner.total_env_steps env steps; returns the evaluation history
-    (a list of dicts), or (history, final TrainState) with return_state=True."""
+    (a list of dicts), or (history, final TrainState) with return_state=True.
+
+    on_eval(row, train_state) is called after every evaluation (e.g. to save params of several
+    points of one run)."""
     env = make_env(cfg.env.name)
     key = jax.random.PRNGKey(cfg.run.seed)
     k_learner, k_actor, k_eval, k_sample = jax.random.split(key, 4)
@@ -84,6 +88,8 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
                    "time_at_goal": float(ev["time_at_goal"]), "success": float(ev["success"]),
                    "wall_s": time.time() - t0, **metrics}
             history.append(row)
+            if on_eval is not None:
+                on_eval(row, updater.host_state())
             if log:
                 log(f"[driver] env_steps={env_steps:,} sgd_steps={row['sgd_steps']:,} "
                     f"time_at_goal={row['time_at_goal']:.1f} success={row['success']:.2f} "
