@@ -1,0 +1,82 @@
+# syntax=docker/dockerfile:1.7
+# The crl image: every role by subcommand (crl replay | learner | actor | evaluate), as the
+# manifests in k8s/ run it. Two variants from one file:
+#   docker build -t ghcr.io/crl-scale/crl:0.1.0-cpu .
+#   docker build --build-arg JAX_VARIANT=cuda12 -t ghcr.io/crl-scale/crl:0.1.0-cuda12 .
+# Python dependencies are exactly uv.lock (uv sync --frozen); the cuda12 variant adds the CUDA 12
+# build of the same jaxlib (the jax-cuda12 PJRT plugin and NVIDIA's CUDA 12 wheels, pinned below).
+# GPU nodes need an NVIDIA driver >= 525.60 (CUDA 12 minor-version compatibility).
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# ---------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ARG UV_VERSION=0.13.9
+ARG JAX_VARIANT=cpu
+ENV UV_PROJECT_ENVIRONMENT=/opt/crl/venv \
+    UV_PYTHON=/usr/local/bin/python3.11 \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+WORKDIR /src
+
+# 1. The locked third-party set (this layer is rebuilt only when the lock changes).
+COPY pyproject.toml uv.lock ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-install-project
+
+# 2. The project itself, installed (not editable): the runtime stage copies only the venv.
+COPY README.md ./
+COPY crl ./crl
+COPY actors ./actors
+COPY learner ./learner
+COPY replay ./replay
+COPY protos ./protos
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv sync --frozen --no-dev --no-editable
+
+# 3. GPU variant: the CUDA 12 build of jaxlib 0.4.34 (same version as uv.lock's jax/jaxlib).
+RUN --mount=type=cache,target=/root/.cache/uv \
+    case "${JAX_VARIANT}" in \
+      cpu) ;; \
+      cuda12) uv pip install --python /opt/crl/venv/bin/python --no-deps \
+          jax-cuda12-plugin==0.4.34 \
+          jax-cuda12-pjrt==0.4.34 \
+          nvidia-cublas-cu12==12.6.3.3 \
+          nvidia-cuda-cupti-cu12==12.6.80 \
+          nvidia-cuda-nvcc-cu12==12.6.77 \
+          nvidia-cuda-runtime-cu12==12.6.77 \
+          nvidia-cudnn-cu12==9.5.1.17 \
+          nvidia-cufft-cu12==11.3.0.4 \
+          nvidia-cusolver-cu12==11.7.1.2 \
+          nvidia-cusparse-cu12==12.5.4.2 \
+          nvidia-nccl-cu12==2.23.4 \
+          nvidia-nvjitlink-cu12==12.6.77 ;; \
+      *) echo "JAX_VARIANT must be cpu or cuda12, got '${JAX_VARIANT}'" >&2; exit 1 ;; \
+    esac \
+ && /opt/crl/venv/bin/crl --help > /dev/null
+
+# ---------------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG JAX_VARIANT=cpu
+LABEL org.opencontainers.image.title="crl" \
+      org.opencontainers.image.description="Distributed deep residual Contrastive RL: replay, learner, actor and evaluator roles" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.crl.jax-variant="${JAX_VARIANT}"
+# A fixed non-root user; k8s/ runs the pods with the same uid/gid (runAsUser: 10001).
+RUN groupadd --system --gid 10001 crl \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/crl --create-home \
+      --shell /usr/sbin/nologin crl
+COPY --from=build /opt/crl/venv /opt/crl/venv
+ENV PATH=/opt/crl/venv/bin:${PATH} \
+    HOME=/home/crl \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    TF_CPP_MIN_LOG_LEVEL=2
+WORKDIR /home/crl
+USER 10001:10001
+# Ports the roles open (service.* in the config): replay gRPC, params gRPC, /metrics.
+EXPOSE 18000 18001 9100
+ENTRYPOINT ["crl"]
+CMD ["--help"]

@@ -1,0 +1,183 @@
+"""`crl cluster` without a cluster: cheap import, clear errors when no cluster is configured or
+reachable, `apply --dry-run` (the run's objects: namespace, config, actor count, image), and the
+learner pod's health probe against a real ParameterService."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "test_tools"))
+import k8s_testlib as T  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None, input=None, module="crl.cli"):
+    base = dict(os.environ)
+    base.pop("KUBECONFIG", None)
+    base.update(env or {})
+    pre = ["cluster"] if module == "crl.cli" else []
+    return subprocess.run([sys.executable, "-m", module, *pre, *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=base, input=input)
+
+
+def test_import_is_cheap_and_listed_in_help():
+    code = ("import sys, crl.cluster\n"
+            "heavy = [m for m in ('kubernetes', 'grpc', 'jax', 'tensorflow', 'yaml', 'reverb') "
+            "if m in sys.modules]\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    proc = subprocess.run([sys.executable, "-m", "crl.cli", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert "cluster" in proc.stdout
+    proc = run("--help")
+    for cmd in ("status", "scale-actors", "apply", "logs", "probe"):
+        assert cmd in proc.stdout
+
+
+def test_no_cluster_configured(tmp_path):
+    proc = run("status", env={"HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "no Kubernetes cluster configured" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("scale-actors", "3", "--kubeconfig", tmp_path / "missing.yaml",
+               env={"HOME": str(tmp_path)})
+    assert proc.returncode == 2 and "missing.yaml" in proc.stderr, proc.stderr
+
+
+def test_unreachable_server(tmp_path):
+    cfg = {"apiVersion": "v1", "kind": "Config", "current-context": "c",
+           "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{T.free_port()}",
+                                                  "insecure-skip-tls-verify": True}}],
+           "users": [{"name": "u", "user": {"token": "t"}}],
+           "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(cfg))
+    for args in (["status"], ["scale-actors", "2"], ["logs", "learner"]):
+        proc = run(*args, env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
+        assert proc.returncode == 2, proc.stderr
+        assert "cannot reach the Kubernetes API server at https://127.0.0.1:" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def manifests(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "cpu.yaml"
+    path.write_text(T.render(T.KUSTOMIZATIONS["cpu"]))
+    return path
+
+
+def _objs(text):
+    return [o for o in yaml.safe_load_all(text) if o]
+
+
+def test_apply_dry_run_builds_the_run(manifests, tmp_path):
+    cfg = tmp_path / "point.yaml"
+    cfg.write_text(yaml.safe_dump({"env": {"name": "point_maze_open"},
+                                   "network": {"critic": {"depth": 8}},
+                                   "service": {"params_address": "127.0.0.1:5"},
+                                   "run": {"run_dir": "/runs/p1"}}))
+    proc = run("apply", "--name", "p1", "--manifests", manifests, "--config", cfg,
+               "--algo.batch_size", "128", "--actors", "5", "--image", "registry.local/crl:dev",
+               "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    objs = _objs(proc.stdout)
+    assert objs[0]["kind"] == "Namespace" and objs[0]["metadata"]["name"] == "crl-p1"
+    assert all(o["metadata"].get("namespace") == "crl-p1" for o in objs[1:])
+    assert all(o["metadata"]["labels"]["crl.run/name"] == "p1" for o in objs)
+    cm = [o for o in objs if o["kind"] == "ConfigMap" and
+          o["metadata"]["name"].startswith("crl-config-")]
+    assert len(cm) == 1
+    run_cfg = yaml.safe_load(cm[0]["data"]["crl.yaml"])
+    assert run_cfg["env"]["name"] == "point_maze_open"
+    assert run_cfg["network"]["critic"]["depth"] == 8 and run_cfg["algo"]["batch_size"] == 128
+    # The fields the pods depend on come from the manifests, with a note on stderr.
+    assert run_cfg["service"]["params_address"] == "params:18001"
+    assert run_cfg["run"]["run_dir"] == "/data/run"
+    assert "service.params_address: '127.0.0.1:5' -> 'params:18001'" in proc.stderr
+    workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+    for w in workloads:
+        spec = w["spec"]["template"]["spec"]
+        role = w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        is_crl = role in ("replay", "learner", "actor", "evaluator")
+        if is_crl:
+            vol = [v for v in spec["volumes"] if v["name"] == "config"][0]
+            assert vol["configMap"]["name"] == cm[0]["metadata"]["name"]
+        assert (spec["containers"][0]["image"] == "registry.local/crl:dev") == is_crl, role
+    actor = [w for w in workloads if w["metadata"]["name"] == "actor"][0]
+    assert actor["spec"]["replicas"] == 5
+    # The same inputs give the same objects (a re-apply is a no-op); another config, another
+    # ConfigMap name (the pods restart with it).
+    again = run("apply", "--name", "p1", "--manifests", manifests, "--config", cfg,
+                "--algo.batch_size", "128", "--actors", "5", "--image", "registry.local/crl:dev",
+                "--dry-run")
+    assert again.stdout == proc.stdout
+    other = run("apply", "--name", "p1", "--manifests", manifests, "--dry-run",
+                "--without-monitoring")
+    names = {o["metadata"]["name"] for o in _objs(other.stdout)}
+    assert cm[0]["metadata"]["name"] not in names
+    assert not {n for n in names if n.startswith(("prometheus", "grafana"))}
+    # Stdin works as the manifests source too.
+    piped = run("apply", "--namespace", "x", "--manifests", "-", "--dry-run",
+                input=manifests.read_text())
+    assert piped.returncode == 0 and all(o["metadata"].get("namespace", "x") == "x" or
+                                         o["kind"] == "Namespace" for o in _objs(piped.stdout))
+
+
+def test_apply_errors(manifests, tmp_path):
+    proc = run("apply", "--name", "p", "--manifests", manifests, "--network.critic.depth", "6",
+               "--dry-run")
+    assert proc.returncode == 2 and "network.critic.depth = 6" in proc.stderr
+    proc = run("apply", "--manifests", tmp_path / "nope.yaml", "--dry-run")
+    assert proc.returncode == 2 and "cannot read manifests" in proc.stderr
+    (tmp_path / "empty.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
+    proc = run("apply", "--manifests", tmp_path / "empty.yaml", "--dry-run")
+    assert proc.returncode == 2 and "no ConfigMap crl-config" in proc.stderr
+    proc = run("apply", "--dry-run", env={"PATH": "/nonexistent", "KUBECTL": ""})
+    assert proc.returncode == 2 and "needs kubectl" in proc.stderr
+    proc = run("apply", "--dry-run", "--overlay", "k8s/overlays/gpu",
+               "--kubectl", T.tools.kubectl(), "--actors", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "nvidia.com/gpu" in proc.stdout
+    proc = run("apply", "--name", "Depth_64", "--manifests", manifests, "--dry-run")
+    assert proc.returncode == 2 and "a run name is a DNS label" in proc.stderr
+    # From another directory (what `crl sweep --backend k8s`'s apply.sh does), the checkout's
+    # cpu overlay is the default.
+    proc = subprocess.run([sys.executable, "-m", "crl.cli", "cluster", "apply", "--name", "s1",
+                           "--dry-run", "--kubectl", str(T.tools.kubectl())], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr
+    assert "namespace: crl-s1" in proc.stdout and "nvidia.com/gpu" not in proc.stdout
+
+
+def test_params_probe_against_a_real_parameter_service(tmp_path):
+    from crl.params_service import ParameterServer
+    server = ParameterServer("127.0.0.1:0").start()
+    addr = f"127.0.0.1:{server.port}"
+    try:
+        probe = lambda *a: run("probe", "--params", addr, *a, module="crl.cluster")  # noqa: E731
+        alive, ready = probe(), probe("--ready")
+        assert alive.returncode == 0, alive.stdout + alive.stderr
+        assert "serving=True ready=False version=-1" in alive.stdout
+        assert ready.returncode == 1
+        server.publish({"actor": {"w": np.ones((2, 3), np.float32)}}, version=3)
+        ready = probe("--ready")
+        assert ready.returncode == 0 and "ready=True version=3" in ready.stdout
+        # --config: the port of service.params_address on 127.0.0.1 (what the pod runs).
+        cfg = tmp_path / "crl.yaml"
+        cfg.write_text(yaml.safe_dump({"service": {"params_address": f"params:{server.port}"}}))
+        by_config = run("probe", "--config", cfg, "--ready", module="crl.cluster")
+        assert by_config.returncode == 0, by_config.stdout + by_config.stderr
+        assert f"params 127.0.0.1:{server.port}: serving=True ready=True" in by_config.stdout
+    finally:
+        server.stop()
+    gone = run("probe", "--params", addr, module="crl.cluster")
+    assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
+    assert run("probe", module="crl.cluster").returncode == 2

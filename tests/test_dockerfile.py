@@ -1,0 +1,169 @@
+"""The Dockerfile cannot be built here (no container engine). What is checked: multi-stage with a
+pinned base; it installs exactly the locked set (its `uv sync` commands, run with uv's dry run on
+the real pyproject.toml + uv.lock, would install the packages of `uv export --frozen`); the CUDA 12
+variant pins the same jax version as the lock; the entrypoint is the `crl` console script; the
+runtime user is not root and is the uid the manifests run as; everything COPY needs is in the
+build context (.dockerignore)."""
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+
+
+def _instructions():
+    """[(stage index, INSTRUCTION, argument text)] with line continuations joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE)
+    out, stage = [], -1
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        word = word.upper()
+        if word == "FROM":
+            stage += 1
+        out.append((stage, word, rest.strip()))
+    return out
+
+
+def _args():
+    return {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)", DOCKERFILE, re.M)}
+
+
+def _locked_version(name):
+    lock = tomllib.loads((REPO / "uv.lock").read_text())
+    return [p["version"] for p in lock["package"] if p["name"] == name][0]
+
+
+def test_multi_stage_pinned_base_and_non_root_entrypoint():
+    ins = _instructions()
+    froms = [rest for _, w, rest in ins if w == "FROM"]
+    assert len(froms) == 2 and froms[0].endswith(" AS build") and froms[1].endswith(" AS runtime")
+    base = _args()["PYTHON_IMAGE"]
+    # An exact patch version of Python 3.11 (what Reverb needs), on a named Debian release.
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
+    final = [(w, r) for s, w, r in ins if s == 1]
+    user = [r for w, r in final if w == "USER"]
+    assert user and user[-1].split(":")[0] not in ("0", "root")
+    uid = int(user[-1].split(":")[0])
+    assert re.search(rf"useradd [^\n]*--uid {uid}\b", re.sub(r"\\\n\s*", " ", DOCKERFILE))
+    # The manifests run the crl pods as this uid.
+    for f in ("replay", "learner", "actor", "evaluator"):
+        assert f"runAsUser: {uid}" in (REPO / "k8s" / "base" / f"{f}.yaml").read_text()
+    entry = [r for w, r in final if w == "ENTRYPOINT"]
+    assert entry == ['["crl"]']
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["crl"] == "crl.cli:main"
+    # The runtime stage gets the venv from the build stage and puts it on PATH.
+    assert any(w == "COPY" and r.startswith("--from=build /opt/crl/venv") for w, r in final)
+    assert any(w == "ENV" and "PATH=/opt/crl/venv/bin:" in r for w, r in final)
+    # uv is the version the README and CI use.
+    readme = (REPO / "README.md").read_text()
+    assert f"uv=={_args()['UV_VERSION']}" in readme
+
+
+def test_installs_exactly_the_locked_set(tmp_path):
+    """Runs the Dockerfile's `uv sync` commands (dry run) on a copy of the build context's
+    pyproject.toml + uv.lock: they resolve from the lock alone (--frozen) and would install
+    exactly the packages `uv export --frozen --no-dev` lists."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    syncs = [r for _, w, r in _instructions() if w == "RUN" and "uv sync" in r]
+    assert len(syncs) == 2
+    cmds = []
+    for r in syncs:
+        cmd = shlex.split(r[r.index("uv sync"):])
+        assert "--frozen" in cmd and "--no-dev" in cmd, cmd
+        assert not {"--upgrade", "-U", "--refresh"} & set(cmd)
+        cmds.append(cmd)
+    assert "--no-install-project" in cmds[0] and "--no-editable" in cmds[1]
+    assert not re.search(r"uv (lock|add)\b", DOCKERFILE)
+    # Anything installed beside the lock is pinned to an exact version (uv itself, the CUDA
+    # variant's wheels).
+    for _, w, r in _instructions():
+        if w != "RUN" or "pip install" not in r:
+            continue
+        for name, value in _args().items():
+            r = r.replace("${%s}" % name, value)
+        for part in r.split("pip install")[1:]:
+            tokens = shlex.split(part.split(";;")[0].split("&&")[0])
+            pkgs, skip = [], False
+            for t in tokens:
+                if skip:
+                    skip = False
+                elif t in ("--python", "-p"):
+                    skip = True
+                elif not t.startswith("-"):
+                    pkgs.append(t)
+            assert pkgs and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][\w.]*", p)
+                                for p in pkgs), pkgs
+    for f in ("pyproject.toml", "uv.lock", "README.md"):
+        shutil.copy(REPO / f, tmp_path / f)
+    env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(tmp_path / "venv"),
+               UV_PYTHON=sys.executable, UV_OFFLINE="1", UV_PYTHON_DOWNLOADS="never")
+    env.pop("VIRTUAL_ENV", None)
+    proc = subprocess.run([uv, *cmds[0][1:], "--dry-run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    would = set(re.findall(r"^ \+ (\S+)==(\S+)", proc.stderr + proc.stdout, re.M))
+    export = subprocess.run([uv, "export", "--frozen", "--no-dev", "--no-hashes",
+                             "--no-emit-project", "--no-header", "--no-annotate"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr
+    locked = set(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", export.stdout, re.M))
+    norm = lambda s: {(n.lower().replace("_", "-"), v) for n, v in s}  # noqa: E731
+    assert norm(would) == norm(locked) and len(locked) > 50
+    assert ("jax", _locked_version("jax")) in norm(would)
+    assert ("dm-reverb", "0.14.0") in norm(would)
+
+
+def test_cuda12_variant_pins_the_locked_jax():
+    jax = _locked_version("jax")
+    assert _locked_version("jaxlib") == jax
+    assert _args()["JAX_VARIANT"] == "cpu"
+    run = [r for _, w, r in _instructions() if w == "RUN" and "JAX_VARIANT" in r][0]
+    assert f"jax-cuda12-plugin=={jax}" in run and f"jax-cuda12-pjrt=={jax}" in run
+    assert "--no-deps" in run
+    pins = re.findall(r"(nvidia-[a-z0-9\-]+-cu12)==(\S+)", run)
+    assert len(pins) >= 10 and all(v[0].isdigit() for _, v in pins)
+    assert "cuda12)" in run and "*) echo" in run      # an unknown variant fails the build
+    # The gpu overlay runs the cuda12 image.
+    assert "newTag: 0.1.0-cuda12" in (REPO / "k8s/overlays/gpu/kustomization.yaml").read_text()
+
+
+def test_build_context_has_what_copy_needs():
+    patterns = [l.strip() for l in (REPO / ".dockerignore").read_text().splitlines()
+                if l.strip() and not l.startswith("#")]
+
+    def ignored(rel):
+        return any(fnmatch.fnmatch(rel, p) or rel.split("/")[0] == p.rstrip("/")
+                   for p in patterns)
+
+    for p in (".venv", ".git", "runs", "tests"):
+        assert ignored(p), p
+    copies = [r for _, w, r in _instructions() if w == "COPY" and not r.startswith("--from")]
+    assert copies
+    for r in copies:
+        *srcs, _dst = r.split()
+        for src in srcs:
+            assert (REPO / src).exists(), src
+            assert not ignored(src), f"{src} is excluded by .dockerignore"
+    # Every package pyproject installs is copied.
+    include = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "packages"]["find"]["include"]
+    copied = {r.split()[0] for r in copies}
+    for pattern in include:
+        assert pattern.rstrip("*") in copied, pattern

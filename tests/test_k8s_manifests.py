@@ -1,0 +1,387 @@
+"""k8s/: render the base and every overlay with kustomize (the real kubectl), validate strictly
+against the Kubernetes schemas (kubernetes-validate), and check what the schemas miss: selectors
+match pod labels, Services and probes target ports the processes open (per the crl config in the
+ConfigMap), NetworkPolicies select existing pods and allow exactly the documented traffic,
+security contexts, resources, GPU requests per overlay, one-line overlay changes."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "test_tools"))
+import k8s_testlib as T  # noqa: E402
+import install_tools as tools  # noqa: E402
+
+from crl import config as C  # noqa: E402
+
+CRL_ROLES = ("replay", "learner", "actor", "evaluator")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """{name: (yaml text, [objects])} for base, cpu and gpu; also written to files."""
+    out = {}
+    d = tmp_path_factory.mktemp("rendered")
+    for name, path in T.KUSTOMIZATIONS.items():
+        text = T.render(path)
+        (d / f"{name}.yaml").write_text(text)
+        out[name] = (d / f"{name}.yaml", T.objects(text))
+    return out
+
+
+def _by_kind(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+def _get(objs, kind, name):
+    found = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert found, f"no {kind}/{name}"
+    return found[0]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def _pods(objs):
+    """[(workload, pod template labels, pod spec)]"""
+    return [(w, w["spec"]["template"]["metadata"]["labels"], w["spec"]["template"]["spec"])
+            for w in objs if w["kind"] in WORKLOAD_KINDS]
+
+
+def _role(labels):
+    return labels.get("app.kubernetes.io/component") if labels.get(
+        "app.kubernetes.io/name") == "crl" else labels.get("app.kubernetes.io/name")
+
+
+def _crl_config(objs) -> C.Config:
+    cms = [o for o in _by_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("crl-config")]
+    assert len(cms) == 1, [o["metadata"]["name"] for o in cms]
+    return C.from_dict(yaml.safe_load(cms[0]["data"]["crl.yaml"]))
+
+
+def _port(address: str) -> int:
+    return int(address.rpartition(":")[2])
+
+
+def _container_port(container, ref):
+    """The containerPort a probe/Service port (name or number) refers to, or None."""
+    for p in container.get("ports", []):
+        if ref == p.get("name") or ref == p["containerPort"]:
+            return p["containerPort"]
+    return None
+
+
+def _opened_ports(role: str, cfg: C.Config) -> set:
+    """Ports the role's process listens on, per the config (crl/launcher.py, the roles)."""
+    ports = {cfg.service.metrics_port}
+    if role == "replay":
+        ports.add(_port(cfg.service.replay_address))
+    if role == "learner":
+        ports.add(_port(cfg.service.params_address))
+    return ports
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_every_kustomization_validates_strictly(rendered, tmp_path):
+    files = [str(path) for path, _ in rendered.values()]
+    proc = subprocess.run([str(tools.kubernetes_validate()), "--strict", "--quiet",
+                           "-k", "1.35.0", *files], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The validator is really strict: an unknown field and a wrong type are each rejected.
+    objs = [o for o in yaml.safe_load_all(Path(files[1]).read_text()) if o]
+    good = [o for o in objs if o["kind"] == "Deployment"][0]
+    unknown, wrong = yaml.safe_load(yaml.safe_dump(good)), yaml.safe_load(yaml.safe_dump(good))
+    unknown["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    wrong["spec"]["replicas"] = "two"
+    (tmp_path / "unknown.yaml").write_text(yaml.safe_dump(unknown))
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+    proc = subprocess.run([str(tools.kubernetes_validate()), "--strict", "-k", "1.35.0",
+                           str(tmp_path / "unknown.yaml"), str(tmp_path / "wrong.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "unknown.yaml did not validate" in out and "imagePullPolicyy" in out, out
+    assert "wrong.yaml did not validate" in out and "'two' is not of type 'integer'" in out, out
+
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_config_map_is_a_valid_crl_config_matching_the_manifests(rendered, name):
+    _, objs = rendered[name]
+    cfg = C.validate(_crl_config(objs))
+    assert cfg.service.host == "0.0.0.0"          # pods listen on every interface
+    # replay_address / params_address name a Service (by DNS name) whose port is the address
+    # port and whose pods are the replay / learner pods, with a container port equal to it.
+    for address, role in ((cfg.service.replay_address, "replay"),
+                          (cfg.service.params_address, "learner")):
+        host, port = address.rpartition(":")[0], _port(address)
+        svc = _get(objs, "Service", host)
+        sp = [p for p in svc["spec"]["ports"] if p["port"] == port]
+        assert sp, f"Service {host} has no port {port}"
+        pods = [(w, lab, spec) for w, lab, spec in _pods(objs)
+                if _selects(svc["spec"]["selector"], lab)]
+        assert [_role(lab) for _, lab, _ in pods] == [role], (host, pods)
+        assert _container_port(pods[0][2]["containers"][0], sp[0]["targetPort"]) == port
+    # Every crl container reads this file: --config points into the mounted ConfigMap.
+    for w, lab, spec in _pods(objs):
+        if _role(lab) not in CRL_ROLES:
+            continue
+        c = spec["containers"][0]
+        args = c["args"]
+        assert args[0] == {"evaluator": "evaluate"}.get(_role(lab), _role(lab))
+        path = args[args.index("--config") + 1]
+        mount = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")]
+        assert mount, path
+        vol = [v for v in spec["volumes"] if v["name"] == mount[0]["name"]][0]
+        assert vol["configMap"]["name"].startswith("crl-config")
+        assert path.rsplit("/", 1)[1] == "crl.yaml"
+        # Where the role writes (run_dir, checkpoints) is a mounted, writable volume.
+        writes = [cfg.run.run_dir]
+        if _role(lab) == "replay":
+            writes.append(cfg.replay.checkpoint_dir)
+        if _role(lab) == "learner":
+            writes.append(cfg.learner.checkpoint_dir)
+        for wpath in writes:
+            m = [m for m in c["volumeMounts"] if wpath.startswith(m["mountPath"] + "/")
+                 and not m.get("readOnly")]
+            assert m, f"{_role(lab)} writes {wpath}, which is on no writable volume"
+            if _role(lab) in ("replay", "learner") and wpath != cfg.run.run_dir:
+                names = [t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])]
+                assert m[0]["name"] in names, f"{wpath} of {_role(lab)} is not on its PVC"
+
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_selectors_services_and_probes(rendered, name):
+    _, objs = rendered[name]
+    cfg = _crl_config(objs)
+    pods = _pods(objs)
+    roles = {_role(lab) for _, lab, _ in pods}
+    assert set(CRL_ROLES) | {"prometheus", "grafana"} <= roles
+    for w, labels, spec in pods:
+        # The selector matches the pod template's labels.
+        assert _selects(w["spec"]["selector"]["matchLabels"], labels), w["metadata"]["name"]
+        if w["kind"] == "StatefulSet":
+            gov = _get(objs, "Service", w["spec"]["serviceName"])
+            assert gov["spec"].get("clusterIP") == "None"
+            assert _selects(gov["spec"]["selector"], labels)
+    # No two workloads share pods.
+    for i, (w1, l1, _) in enumerate(pods):
+        for w2, l2, _ in pods[i + 1:]:
+            assert not _selects(w1["spec"]["selector"]["matchLabels"], l2), (w1, w2)
+    for svc in _by_kind(objs, "Service"):
+        matched = [(w, lab, spec) for w, lab, spec in pods if _selects(svc["spec"]["selector"], lab)]
+        assert matched, f"Service {svc['metadata']['name']} selects no pods"
+        for p in svc["spec"]["ports"]:
+            assert p.get("protocol") == "TCP"      # the old API servers need it explicit
+            for _, _, spec in matched:
+                assert any(_container_port(c, p["targetPort"]) for c in spec["containers"]), \
+                    f"Service {svc['metadata']['name']} port {p} targets no container port"
+    for w, labels, spec in pods:
+        role = _role(labels)
+        for c in spec["containers"]:
+            assert c.get("readinessProbe") and c.get("livenessProbe"), (role, c["name"])
+            for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                probe = c.get(kind)
+                if not probe:
+                    continue
+                if "exec" in probe:
+                    # The learner's Health RPC probe reads the role's own config file, so it
+                    # calls the port of service.params_address (test_monitoring_live runs it).
+                    cmd = probe["exec"]["command"]
+                    assert role == "learner"
+                    assert cmd[:4] == ["python", "-m", "crl.cluster", "probe"], cmd
+                    assert cmd[cmd.index("--config") + 1] == \
+                        c["args"][c["args"].index("--config") + 1]
+                    assert "--params" not in cmd
+                    continue
+                ref = (probe.get("httpGet") or probe.get("tcpSocket"))["port"]
+                port = _container_port(c, ref)
+                assert port is not None, f"{role} {kind} targets no container port: {ref}"
+                if role in CRL_ROLES:
+                    assert port in _opened_ports(role, cfg), (role, kind, port)
+                    if "httpGet" in probe:
+                        assert port == cfg.service.metrics_port
+                        assert probe["httpGet"]["path"] == "/metrics"
+            if role in CRL_ROLES:
+                # Every container port is one the process opens (and vice versa).
+                declared = {p["containerPort"] for p in c["ports"]}
+                assert declared == _opened_ports(role, cfg), (role, declared)
+
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_network_policies(rendered, name):
+    _, objs = rendered[name]
+    pods = _pods(objs)
+    allowed = {}   # (target role, port name) -> {source roles}
+    for np in _by_kind(objs, "NetworkPolicy"):
+        targets = [(lab, spec) for _, lab, spec in pods
+                   if _selects(np["spec"]["podSelector"]["matchLabels"], lab)]
+        assert targets, f"NetworkPolicy {np['metadata']['name']} selects no pods"
+        assert np["spec"]["policyTypes"] == ["Ingress"]
+        for rule in np["spec"]["ingress"]:
+            sources = set()
+            for peer in rule["from"]:
+                assert set(peer) == {"podSelector"}, peer     # only pods of this namespace
+                matched = [_role(lab) for _, lab, _ in pods
+                           if _selects(peer["podSelector"]["matchLabels"], lab)]
+                assert matched, f"{np['metadata']['name']}: a source selects no pods: {peer}"
+                sources |= set(matched)
+            for port in rule["ports"]:
+                for lab, spec in targets:
+                    assert _container_port(spec["containers"][0], port["port"]), (np, port)
+                    allowed.setdefault((_role(lab), port["port"]), set()).update(sources)
+    assert allowed == {
+        ("replay", "grpc"): {"actor", "learner"},
+        ("learner", "params"): {"actor", "evaluator"},
+        ("replay", "metrics"): {"prometheus"},
+        ("learner", "metrics"): {"prometheus"},
+        ("actor", "metrics"): {"prometheus"},
+        ("evaluator", "metrics"): {"prometheus"},
+    }
+    # Every CRL pod is isolated by some policy (so the rules above are all that is allowed).
+    for _, lab, _ in pods:
+        if _role(lab) in CRL_ROLES:
+            assert any(_selects(np["spec"]["podSelector"]["matchLabels"], lab)
+                       for np in _by_kind(objs, "NetworkPolicy")), _role(lab)
+
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_security_context_resources_and_images(rendered, name):
+    _, objs = rendered[name]
+    ns = _by_kind(objs, "Namespace")
+    assert [n["metadata"]["name"] for n in ns] == ["crl"]
+    assert ns[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert all(o["metadata"].get("namespace") == "crl" for o in objs if o["kind"] != "Namespace")
+    for w, labels, spec in _pods(objs):
+        role = _role(labels)
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] > 0 and psc["runAsGroup"] > 0
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            res = c["resources"]
+            for k in ("cpu", "memory"):
+                assert k in res["requests"] and k in res["limits"], (role, res)
+            image = c["image"]
+            assert ":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"), image
+            if role in CRL_ROLES:
+                assert psc["runAsUser"] == 10001        # the image's user (Dockerfile)
+                mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+                vols = {v["name"]: v for v in spec["volumes"]}
+                assert "emptyDir" in vols[mounts["/tmp"]], role
+                env = {e["name"]: e.get("value") for e in c["env"]}
+                assert env["HOME"] == "/tmp"
+
+
+def _gpus(container):
+    return {k: container["resources"][k].get("nvidia.com/gpu") for k in ("requests", "limits")}
+
+
+def test_gpu_requests_per_overlay(rendered):
+    for name, want in (("base", {"learner": "1"}), ("cpu", {}),
+                       ("gpu", {"learner": "8", "actor": "1", "evaluator": "1"})):
+        _, objs = rendered[name]
+        for _, labels, spec in _pods(objs):
+            g = _gpus(spec["containers"][0])
+            w = want.get(_role(labels))
+            assert g == {"requests": w, "limits": w}, (name, _role(labels), g)
+            if name == "gpu" and w:
+                assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+                assert spec["containers"][0]["image"].endswith("-cuda12")
+        if name == "cpu":
+            assert "nvidia.com/gpu" not in rendered[name][0].read_text()
+    gpu_cfg = _crl_config(rendered["gpu"][1])
+    assert gpu_cfg.learner.num_devices == 0      # pmap over every GPU of the learner pod
+    learner = [spec for _, lab, spec in _pods(rendered["gpu"][1]) if _role(lab) == "learner"][0]
+    assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in learner["volumes"])
+
+
+def test_prometheus_scrape_config_matches_the_metrics_services(rendered, tmp_path):
+    _, objs = rendered["cpu"]
+    cfg = _crl_config(objs)
+    cm = [o for o in _by_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("prometheus-config")][0]
+    prom = yaml.safe_load(cm["data"]["prometheus.yml"])
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    for role in CRL_ROLES:
+        job = jobs[f"crl-{role}"]
+        sd = job["dns_sd_configs"][0]
+        svc = _get(objs, "Service", sd["names"][0])
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+        assert sd["port"] == cfg.service.metrics_port == svc["spec"]["ports"][0]["port"]
+        assert [_role(lab) for _, lab, _ in _pods(objs)
+                if _selects(svc["spec"]["selector"], lab)] == [role]
+        assert {"target_label": "role", "replacement": role} in job["relabel_configs"]
+    # The rule file is mounted where the config says, and promtool accepts the whole config.
+    assert prom["rule_files"] == ["/etc/prometheus/crl-rules.yml"]
+    assert set(cm["data"]) == {"prometheus.yml", "crl-rules.yml"}
+    (tmp_path / "crl-rules.yml").write_text(cm["data"]["crl-rules.yml"])
+    prom["rule_files"] = [str(tmp_path / "crl-rules.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(prom))
+    proc = T.promtool("check", "config", tmp_path / "prometheus.yml")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Grafana: the datasource is this Prometheus Service, the dashboard ConfigMap is mounted.
+    prov = [o for o in _by_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("grafana-provisioning")][0]
+    ds = yaml.safe_load(prov["data"]["grafana-datasources.yaml"])["datasources"][0]
+    svc = _get(objs, "Service", "prometheus")
+    assert ds["url"] == f"http://prometheus:{svc['spec']['ports'][0]['port']}"
+    dash = [o for o in _by_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("grafana-dashboards")][0]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1" and "crl.json" in dash["data"]
+    path = yaml.safe_load(prov["data"]["grafana-dashboards.yaml"])["providers"][0]["options"]["path"]
+    grafana = [spec for _, lab, spec in _pods(objs) if _role(lab) == "grafana"][0]
+    mount = [m for m in grafana["containers"][0]["volumeMounts"] if m["mountPath"] == path][0]
+    vol = [v for v in grafana["volumes"] if v["name"] == mount["name"]][0]
+    assert vol["configMap"]["name"] == dash["metadata"]["name"]
+
+
+def test_one_line_overlay_changes(tmp_path):
+    """The documented one-line edits (docs/deploy.md) change what they say and nothing else."""
+    k8s = tmp_path / "k8s"
+    shutil.copytree(T.K8S, k8s)
+    overlay = k8s / "overlays" / "cpu"
+    before = T.objects(T.render(overlay))
+
+    def edit(path, old, new):
+        text = path.read_text()
+        assert text.count(old) == 1, (path, old)
+        path.write_text(text.replace(old, new))
+
+    edit(overlay / "kustomization.yaml", "    count: 2\n", "    count: 7\n")
+    edit(overlay / "crl.yaml", "  name: point_maze_u\n", "  name: ant_u4_maze\n")
+    edit(overlay / "crl.yaml", "  critic: {depth: 4, width: 256}\n",
+         "  critic: {depth: 16, width: 256}\n")
+    after = T.objects(T.render(overlay))
+    assert _get(after, "Deployment", "actor")["spec"]["replicas"] == 7
+    cfg_before, cfg_after = _crl_config(before), _crl_config(after)
+    assert (cfg_after.env.name, cfg_after.network.critic.depth) == ("ant_u4_maze", 16)
+    C.validate(cfg_after)
+    assert C.to_dict(cfg_after)["service"] == C.to_dict(cfg_before)["service"]
+    # A new config means a new ConfigMap name, so every pod restarts with it.
+    names = {o["metadata"]["name"] for o in after if o["kind"] == "ConfigMap"}
+    assert not {n for n in names if n.startswith("crl-config")} & \
+        {o["metadata"]["name"] for o in before if o["kind"] == "ConfigMap"}
+    changed = [o["metadata"]["name"] for o, p in zip(after, before) if o != p]
+    assert sorted(changed) == sorted(["actor", "evaluator", "learner", "replay"] +
+                                     [n for n in names if n.startswith("crl-config")]), changed
+
+
+def test_overlay_configs_keep_the_pinned_fields():
+    """Each overlay carries its own crl.yaml; the fields the manifests depend on stay equal."""
+    from crl.cluster import PINNED_FIELDS
+    base = C.to_dict(C.load(str(T.K8S / "base" / "crl.yaml")))
+    for name in ("cpu", "gpu"):
+        cfg = C.to_dict(C.load(str(T.KUSTOMIZATIONS[name] / "crl.yaml")))
+        for field in PINNED_FIELDS:
+            a, b = base, cfg
+            for part in field.split("."):
+                a, b = a[part], b[part]
+            assert a == b, (name, field)
