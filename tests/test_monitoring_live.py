@@ -1,0 +1,211 @@
+"""Live: the real roles of `crl local` (replay, learner, evaluator, an actor: separate processes on
+127.0.0.1) scraped by a real Prometheus running k8s/'s scrape jobs (static targets instead of DNS
+discovery) and rules. Every Grafana panel query and every recording rule returns data; every
+alert expression evaluates, and what each alert compares returns data (an alert that does not
+fire returns nothing, so its operands are checked). The pods' probes, pointed at the local
+ports, succeed against the running roles; `crl cluster status` reads its metrics from this
+Prometheus."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "test_tools"))
+import k8s_testlib as T  # noqa: E402
+
+from helpers import free_port_block  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ROLE_OFFSETS = {"replay": 0, "learner": 1, "evaluator": 2, "actor": 3}   # crl/launcher.py
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    d = tmp_path_factory.mktemp("live")
+    base = free_port_block(8)
+    metrics = base + 2
+    ports = {"replay_grpc": base, "params": base + 1,
+             **{role: metrics + k for role, k in ROLE_OFFSETS.items()}}
+    cmd = [sys.executable, "-m", "crl.cli", "local", "--actors", "1",
+           "--run.run_dir", str(d / "run"),
+           "--service.replay_address", f"127.0.0.1:{base}",
+           "--service.params_address", f"127.0.0.1:{base + 1}",
+           "--service.metrics_port", str(metrics),
+           "--env.name", "point_maze_u", "--env.num_envs", "16",
+           "--network.actor.width", "32", "--network.critic.width", "32",
+           "--network.repr_dim", "16", "--algo.batch_size", "64",
+           "--learner.segments_per_call", "4", "--learner.minibatches_per_call", "2",
+           "--learner.num_devices", "1", "--learner.checkpoint_every", "100",
+           "--learner.total_env_steps", "1000000000",
+           "--replay.min_size_steps", "800", "--replay.capacity_steps", "20000",
+           "--replay.checkpoint_interval_s", "15",
+           "--eval.num_envs", "8", "--eval.interval_s", "2"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    log = open(d / "local.log", "wb")
+    local = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env=env)
+    # Prometheus with the cluster's scrape jobs, pointed at the local ports, scraping every second.
+    k8s_cfg = yaml.safe_load((T.MONITORING / "prometheus.yml").read_text())
+    prom_port = T.free_port()
+    cfg = copy.deepcopy(k8s_cfg)
+    cfg["global"] = {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"}
+    cfg["rule_files"] = [str(T.MONITORING / "crl-rules.yml")]
+    for job in cfg["scrape_configs"]:
+        role = job["job_name"].removeprefix("crl-")
+        target = f"127.0.0.1:{ports[role]}" if role in ROLE_OFFSETS else f"127.0.0.1:{prom_port}"
+        job.pop("dns_sd_configs", None)
+        job["static_configs"] = [{"targets": [target]}]
+    prom = T.Prometheus(d / "prometheus")
+    try:
+        prom.start(cfg, port=prom_port)
+
+        have = {}
+
+        def ready():
+            if local.poll() is not None:
+                raise AssertionError(f"crl local exited with {local.returncode}:\n"
+                                     + (d / "local.log").read_text()[-3000:])
+            for q in ("crl_learner_metric", "crl_eval_evaluations_total > 0", "crl:utd:rate5m",
+                      "crl:actor_env_steps:rate1m > 0", "crl_actor_params_version > 0",
+                      "crl_replay_checkpoints_total > 0"):
+                have[q] = bool(prom.query(q))
+            return all(have.values())
+        try:
+            T.wait_for(ready, 480, "the roles to train, evaluate and checkpoint under Prometheus",
+                       interval_s=2)
+        except AssertionError as e:
+            logs = "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-1500:]}"
+                             for p in sorted((d / "run" / "logs").glob("*.log")))
+            targets = prom.api("targets")["activeTargets"]
+            raise AssertionError(
+                f"{e}\nconditions: {have}\ntargets: "
+                f"{[(t['labels']['job'], t['health'], t.get('lastError')) for t in targets]}\n"
+                f"crl local:\n{(d / 'local.log').read_text()[-2000:]}\n{logs}") from None
+        yield {"prom": prom, "ports": ports, "dir": d, "k8s_cfg": k8s_cfg}
+    finally:
+        prom.stop()
+        T.stop(local, timeout_s=120)
+        log.close()
+
+
+def _wait_all_have_data(prom, exprs, timeout_s=60):
+    """{expr: error} for expressions still empty (or failing) after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(dict.fromkeys(exprs))
+    errors = {}
+    while pending and time.monotonic() < deadline:
+        errors = {}
+        for e in pending:
+            try:
+                if not prom.query(e):
+                    errors[e] = "no data"
+            except AssertionError as ex:
+                errors[e] = str(ex)
+        pending = list(errors)
+        if pending:
+            time.sleep(2)
+    return errors
+
+
+def test_every_dashboard_query_returns_data(live):
+    queries = T.dashboard_queries()
+    assert len(queries) > 40
+    errors = _wait_all_have_data(live["prom"], [q["expr"] for q in queries])
+    assert not errors, {q["panel"]: (q["expr"], errors[q["expr"]])
+                        for q in queries if q["expr"] in errors}
+
+
+def test_every_rule_expression_evaluates_and_its_signals_return_data(live):
+    prom = live["prom"]
+    rules = T.rules()
+    # Recording rules: their recorded series exist, and their expressions return data.
+    records = [r["record"] for r in rules if "record" in r]
+    assert not _wait_all_have_data(prom, records + [r["expr"] for r in rules if "record" in r])
+    # Alerts: the expression evaluates without error (empty = not firing) and its operands have
+    # data; the rules are loaded and healthy in Prometheus itself.
+    alerts = [r for r in rules if "alert" in r]
+    for r in alerts:
+        prom.query(r["expr"])
+    signals = T.promql_signals([r["expr"] for r in alerts])
+    flat = [s for r in alerts for s in signals[r["expr"]]]
+    assert len(flat) >= len(alerts)
+    errors = _wait_all_have_data(prom, flat)
+    assert not errors, errors
+    groups = prom.api("rules")["groups"]
+    loaded = {r["name"]: r for g in groups for r in g["rules"]}
+    for r in rules:
+        got = loaded[r.get("alert") or r["record"]]
+        assert got["health"] == "ok", got
+    # A healthy run fires none of the critical alerts that need no time to fire.
+    firing = {a["labels"]["alertname"] for a in prom.api("alerts")["alerts"]
+              if a["state"] == "firing"}
+    assert not firing & {"CRLNaNLoss", "CRLReplayCheckpointFailing"}, firing
+
+
+def test_probes_of_the_manifests_succeed_against_the_running_roles(live):
+    """Each probe of the rendered cpu overlay, with the pod's port mapped to the local port of
+    the same role (crl local gives every role its own metrics port), succeeds."""
+    objs = T.objects(T.render(T.KUSTOMIZATIONS["cpu"]))
+    cfg = yaml.safe_load([o for o in objs if o["kind"] == "ConfigMap" and
+                          o["metadata"]["name"].startswith("crl-config")][0]["data"]["crl.yaml"])
+    pod_to_local = {cfg["service"]["metrics_port"]: None,
+                    int(cfg["service"]["replay_address"].rpartition(":")[2]): live["ports"]["replay_grpc"],
+                    int(cfg["service"]["params_address"].rpartition(":")[2]): live["ports"]["params"]}
+    checked = 0
+    for w in objs:
+        if w["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        role = w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        if role not in ROLE_OFFSETS:
+            continue
+        c = w["spec"]["template"]["spec"]["containers"][0]
+        named = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = c.get(kind)
+            if not probe:
+                continue
+            if "exec" in probe:
+                # The probe reads the role's config: here the one crl local wrote for its roles.
+                cmd = list(probe["exec"]["command"])
+                i = cmd.index("--config") + 1
+                cmd[i] = str(live["dir"] / "run" / "config.yaml")
+                assert cmd[0] == "python"
+                proc = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, capture_output=True,
+                                      text=True, timeout=60)
+                assert proc.returncode == 0, (role, kind, proc.stdout, proc.stderr)
+                assert f"params 127.0.0.1:{live['ports']['params']}: serving=True ready=True" \
+                    in proc.stdout, proc.stdout
+            else:
+                spec = probe.get("httpGet") or probe.get("tcpSocket")
+                pod_port = named.get(spec["port"], spec["port"])
+                local = pod_to_local[pod_port] or live["ports"][role]
+                if "httpGet" in probe:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{local}{spec['path']}",
+                                                timeout=10) as r:
+                        assert r.status == 200 and b"crl_" in r.read()
+                else:
+                    socket.create_connection(("127.0.0.1", local), timeout=10).close()
+            checked += 1
+    assert checked >= 8
+
+
+def test_cluster_status_reads_the_metrics_from_prometheus(live):
+    from crl.cluster import format_status, read_metrics
+    metrics, source = read_metrics(None, [], live["prom"].url)
+    assert source and "error" not in metrics, metrics
+    assert metrics["params_version"] >= 1 and metrics["sgd_steps"] > 0
+    assert metrics["utd_target"] == pytest.approx(0.05)
+    assert metrics["utd"] is not None and metrics["env_steps_per_s"] > 0
+    assert len(metrics["actor_params_versions"]) == 1
+    text = format_status({"namespace": "crl", "server": "(local)", "workloads": [], "pods": [],
+                          "metrics": metrics, "metrics_source": source})
+    assert f"params version {metrics['params_version']:.0f}" in text and "UTD 0." in text
