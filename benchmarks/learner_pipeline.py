@@ -1,0 +1,306 @@
+"""Benchmark: the learner fed from Reverb (another process, gRPC) vs fed from arrays on the device.
+
+    python -m benchmarks.learner_pipeline [--depth 4] [--batch 512] [--width 256]
+        [--env-dims humanoid] [--segment-length 1000] [--rounds 3] [--calls 6] [--quick]
+
+The replay role (`python -m replay.server`, the process `crl replay` runs) is started with its
+rate limiter opened wide (the benchmark measures the pipeline, not the ratio) and prefilled with
+synthetic segments. The same `crl.learning.Updater` (relabel on device + `minibatches_per_call`
+SGD steps in one compiled call, float metrics back, as the learner role does) is then timed
+three ways, interleaved in rounds so the machine's load hits all three alike:
+
+  device   : update(segments already on the device)  -- the upper bound
+  pipeline : batch = SegmentSampler.sample(); update(batch.data)  -- the learner role's loop
+  +publish : the pipeline plus ParameterServer.publish(actor + critic) after every call, as the
+             learner role does with learner.publish_every = 1
+
+Figures: SGD steps/s of each, ratio pipeline / device (target >= 0.9), ratio +publish / device,
+the fraction of the pipeline's time spent waiting for a batch, the sampler's own rate (MB/s,
+no compute), and the publish time (serialise + sha256) per call.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+from benchmarks import common
+from benchmarks.update_step import ENV_DIMS
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--env-dims", default=None, choices=list(ENV_DIMS))
+    p.add_argument("--segment-length", type=int, default=None)
+    p.add_argument("--segments-per-call", type=int, default=None)
+    p.add_argument("--minibatches-per-call", type=int, default=None)
+    p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--calls", type=int, default=None, help="timed update calls per phase")
+    common.add_common_args(p)
+    a = p.parse_args(argv)
+    q = a.quick
+    depth = a.depth or 4
+    width = a.width or (32 if q else 256)
+    batch = a.batch or (64 if q else 512)
+    dims = a.env_dims or ("point" if q else "humanoid")
+    T = a.segment_length or (50 if q else 1000)
+    spc = a.segments_per_call or (8 if q else 32)
+    mpc = a.minibatches_per_call or (4 if q else 8)
+    rounds = a.rounds or (1 if q else 3)
+    calls = a.calls or (3 if q else 6)
+    S, A, goal_idx = ENV_DIMS[dims]
+    seg_mb = common.segment_bytes(T, S, A) / common.MiB
+    config = {"depth": depth, "width": width, "batch": batch, "env_dims": dims,
+              "segment_length": T, "segments_per_call": spc, "minibatches_per_call": mpc,
+              "prefetch": a.prefetch, "rounds": rounds, "calls_per_phase": calls,
+              "mb_per_call": round(spc * seg_mb, 3)}
+    common.header(f"learner pipeline: depth {depth} width {width} batch {batch}, {spc} segments "
+                  f"x {T} steps ({spc * seg_mb:.1f} MB) and {mpc} SGD steps per call")
+    overrides = common.replay_overrides(T, capacity_items=max(4 * spc, 64), segments_per_call=spc,
+                                        minibatches_per_call=mpc, batch_size=batch)
+    work = tempfile.mkdtemp(prefix="crl-bench-pipeline-")
+    replay_proc = None
+    server = sampler = None
+    try:
+        replay_proc = common.ReplayProcess(work, S, A, overrides)   # starts while we compile
+        address = replay_proc.address
+
+        import jax
+        import numpy as np
+        from crl import config as C
+        from crl.learning import Updater
+        from crl.params_service import ParameterServer
+
+        cfg_over = dict(overrides)
+        for net in ("actor", "critic"):
+            cfg_over.update({f"network.{net}.depth": depth, f"network.{net}.width": width})
+        cfg_over["learner.prefetch"] = a.prefetch
+        cfg = C.load(overrides=cfg_over)
+        updater = Updater(cfg, S, A, goal_idx, jax.random.PRNGKey(0), num_devices=1)
+        host_batches = [common.synthetic_segments(spc, T, S, A, episode_length=T, seed=i)
+                        for i in range(3)]
+        t0 = time.perf_counter()
+        updater.update(host_batches[0])           # compile
+        compile_s = time.perf_counter() - t0
+        device_batches = [jax.device_put({k: b[k] for k in ("state", "action", "episode_id")})
+                          for b in host_batches]
+        jax.block_until_ready(device_batches)
+
+        # Replay: wait for the server, prefill.
+        replay_proc.wait()
+        from replay.sampler import SegmentSampler
+        from replay.writer import SegmentWriter
+        from crl.segments import segment_spec
+        writer = SegmentWriter(address, segment_spec(S, A, T), timeout_s=60)
+        for i in range(max(2 * spc, 32) // 16 + 1):
+            writer.write(common.synthetic_segments(16, T, S, A, episode_length=T, seed=100 + i))
+        writer.close()
+
+        sampler = SegmentSampler(address, spc, timeout_s=60, prefetch=a.prefetch)
+        # The sampler's own rate, no compute (queue drained, then timed).
+        for _ in range(a.prefetch + 1):
+            sampler.sample()
+        n_s, t0 = 0, time.perf_counter()
+        while n_s < 3 or time.perf_counter() - t0 < (0.5 if q else 3.0):
+            sampler.sample()
+            n_s += 1
+        sample_only_s = (time.perf_counter() - t0) / n_s
+
+        server = ParameterServer("127.0.0.1:0", max_message_mb=cfg.service.max_message_mb).start()
+        version = [0]
+
+        def publish():
+            st = updater.host_state()
+            version[0] += 1
+            server.publish({"actor": st.actor_params, "critic": st.critic_params}, version[0])
+
+        publish()   # first publish outside the timing (allocations)
+
+        def device_phase():
+            t0 = time.perf_counter()
+            for i in range(calls):
+                updater.update(device_batches[i % len(device_batches)])
+            return time.perf_counter() - t0, 0.0, 0.0
+
+        def pipeline_phase(with_publish: bool):
+            for _ in range(a.prefetch + 1):      # steady state: queue as the loop leaves it
+                updater.update(sampler.sample().data)
+            wait = pub = 0.0
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                tw = time.perf_counter()
+                b = sampler.sample()
+                wait += time.perf_counter() - tw
+                updater.update(b.data)
+                if with_publish:
+                    tp = time.perf_counter()
+                    publish()
+                    pub += time.perf_counter() - tp
+            return time.perf_counter() - t0, wait, pub
+
+        proto = ProposedLoop(updater, sampler, server, version)
+
+        print(f"{'round':>5} {'device SGD/s':>12} {'pipeline SGD/s':>14} {'+publish SGD/s':>14} "
+              f"{'proposed SGD/s':>14} {'ratio':>6} {'ratio+pub':>9} {'ratio prop.':>11} "
+              f"{'wait %':>6}", flush=True)
+        per = {"device": [], "pipeline": [], "publish": [], "proposed": []}
+        ratios, ratios_pub, ratios_prop, waits, pubs = [], [], [], [], []
+        for r in range(rounds):
+            d = device_phase()
+            pl = pipeline_phase(False)
+            pp = pipeline_phase(True)
+            pr = proto.phase(calls, warm=a.prefetch + 1)
+            rate = lambda ph: calls * mpc / ph[0]   # noqa: E731
+            per["device"].append(rate(d))
+            per["pipeline"].append(rate(pl))
+            per["publish"].append(rate(pp))
+            per["proposed"].append(rate(pr))
+            ratios.append(rate(pl) / rate(d))
+            ratios_pub.append(rate(pp) / rate(d))
+            ratios_prop.append(rate(pr) / rate(d))
+            waits.append(pl[1] / pl[0])
+            pubs.append(pp[2] / calls)
+            print(f"{r:>5} {rate(d):>12.2f} {rate(pl):>14.2f} {rate(pp):>14.2f} {rate(pr):>14.2f} "
+                  f"{ratios[-1]:>6.2f} {ratios_pub[-1]:>9.2f} {ratios_prop[-1]:>11.2f} "
+                  f"{100 * waits[-1]:>6.1f}", flush=True)
+        proto.close()
+        med = statistics.median
+        payload_mb = server._current().total_bytes / common.MiB
+        figures = {
+            "device_sgd_steps_per_s": med(per["device"]),
+            "pipeline_sgd_steps_per_s": med(per["pipeline"]),
+            "publish_sgd_steps_per_s": med(per["publish"]),
+            "ratio_pipeline_device": med(ratios),
+            "ratio_publish_device": med(ratios_pub),
+            "proposed_sgd_steps_per_s": med(per["proposed"]),
+            "ratio_proposed_device": med(ratios_prop),
+            "device_call_s": mpc / med(per["device"]),
+            "sample_only_batches_per_s": 1 / sample_only_s,
+            "sample_only_mb_per_s": spc * seg_mb / sample_only_s,
+            "required_mb_per_s": spc * seg_mb * med(per["device"]) / mpc,
+            "publish_s_per_call": med(pubs),
+            "publish_mb_per_s": payload_mb / med(pubs),
+            "compile_s": compile_s,
+        }
+        ratio = figures["ratio_pipeline_device"]
+        print(f"pipeline / device = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); "
+              f"with publish every call: {figures['ratio_publish_device']:.2f}; proposed loop "
+              f"(prototype): {figures['ratio_proposed_device']:.2f}; waiting "
+              f"{100 * med(waits):.1f}% of the pipeline's time; sampler alone "
+              f"{figures['sample_only_mb_per_s']:.0f} MB/s vs {figures['required_mb_per_s']:.0f} "
+              f"MB/s needed; publish {1e3 * figures['publish_s_per_call']:.0f} ms per call "
+              f"({payload_mb:.1f} MB)")
+        common.record("learner_pipeline", f"depth={depth} {dims}", config, figures, out=a.out,
+                      quick=q, extra={"wait_fraction": med(waits), "payload_mb": payload_mb,
+                                      "target_ratio": 0.9, "target_met": ratio >= 0.9,
+                                      "rounds": {k: v for k, v in per.items()}})
+    finally:
+        if sampler is not None:
+            sampler.close()
+        if server is not None:
+            server.stop(None)
+        if replay_proc is not None:
+            replay_proc.stop()
+    return 0
+
+
+class ProposedLoop:
+    """PROTOTYPE of the learner loop proposed for learner/role.py + crl/learning.py (Updater):
+
+    - a prefetch thread takes sampled batches and puts them on the device (jax.device_put) ahead
+      of the update that needs them (queue of 1);
+    - the update is dispatched asynchronously (Learner.update_many) and the metrics of call k are
+      read (float) only after call k+1 is dispatched, so the device never waits for the host's
+      checks (the non-finite check then runs one call late);
+    - publishing is taken off the critical path: after each call an on-device copy of the params
+      is handed to a publisher thread (a one-slot mailbox; versions it cannot keep up with are
+      skipped), which does the device->host copy, serialisation and sha256.
+    """
+
+    def __init__(self, updater, sampler, server, version):
+        import queue
+        import threading
+        self.updater, self.sampler, self.server, self.version = updater, sampler, server, version
+        self.batches = queue.Queue(maxsize=1)
+        self.stop = threading.Event()
+        self.mailbox = None
+        self.mail = threading.Condition()
+        self.published = 0
+        self.threads = [threading.Thread(target=self._prefetch, daemon=True),
+                        threading.Thread(target=self._publisher, daemon=True)]
+        self.active = threading.Event()
+        for t in self.threads:
+            t.start()
+
+    def _prefetch(self):
+        import queue
+        import jax
+        while not self.stop.is_set():
+            if not self.active.wait(0.1):
+                continue
+            try:
+                b = self.sampler.sample(timeout_s=1.0)
+            except Exception:   # noqa: BLE001 - timeouts while idle
+                continue
+            dev = jax.device_put({k: b.data[k] for k in ("state", "action", "episode_id")})
+            while not self.stop.is_set():
+                try:
+                    self.batches.put(dev, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+
+    def _publisher(self):
+        while not self.stop.is_set():
+            with self.mail:
+                self.mail.wait_for(lambda: self.mailbox is not None or self.stop.is_set(), 0.5)
+                item, self.mailbox = self.mailbox, None
+            if item is not None:
+                self.server.publish(item[1], item[0])
+                self.published += 1
+
+    def phase(self, calls: int, warm: int):
+        import jax
+        import jax.numpy as jnp
+        learner, up = self.updater.learner, self.updater
+        self.active.set()
+        t0 = None
+        prev = None
+        for i in range(warm + calls):
+            if i == warm:
+                if prev is not None:
+                    {k: float(v) for k, v in prev.items()}
+                    prev = None
+                t0 = time.perf_counter()
+            dev = self.batches.get(timeout=120)
+            up.state, metrics = learner.update_many(up.state, dev)          # async dispatch
+            snap = jax.tree_util.tree_map(jnp.copy, {"actor": up.state.actor_params,
+                                                     "critic": up.state.critic_params})
+            self.version[0] += 1
+            with self.mail:
+                self.mailbox = (self.version[0], snap)
+                self.mail.notify()
+            if prev is not None:
+                {k: float(v) for k, v in prev.items()}                  # call k-1 only
+            prev = metrics
+        {k: float(v) for k, v in prev.items()}
+        dt = time.perf_counter() - t0
+        self.active.clear()
+        return dt, 0.0, 0.0
+
+    def close(self):
+        self.stop.set()
+        with self.mail:
+            self.mail.notify_all()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
