@@ -5,7 +5,11 @@ Thin shell around crl.rollout.Unroller (the same unroll the in-process driver us
     environment loop on the learner);
   - writes each unroll's segments (one per env) with bounded flushes; while the rate limiter holds
     inserts (the learner is behind) it waits, which is what keeps the update-to-data ratio;
-  - survives replay and learner restarts: reconnects with backoff, keeps its last params.
+  - survives replay and learner restarts: reconnects with backoff, keeps its last params;
+  - on SIGTERM finishes the current unroll and its write (a bounded final flush), then exits 0.
+Every flush is bounded by min(actor.write_timeout_s, FLUSH_SLICE_S) so a stop is noticed soon; a
+flush that timed out is retried as a flush (the items stay queued in the writer), never by
+writing the segments again, which would duplicate them.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
 from crl.networks import CRLNetworks
-from crl.params_service import ParameterClient
+from crl.params_service import ParameterClient, client_from_config, security_from_config
 from crl.rollout import Unroller
 
 ENV_STEPS = prom.Counter("crl_actor_env_steps_total", "Env steps taken by this actor")
@@ -39,6 +43,15 @@ UNROLL_SECONDS = prom.Histogram("crl_actor_unroll_seconds", "Time of one jitted 
 RECONNECTS = prom.Counter("crl_actor_reconnects_total", "Reconnects to replay or learner", ["to"])
 RATE_LIMITED = prom.Counter("crl_actor_rate_limited_total", "Flushes held by the rate limiter")
 TIME_AT_GOAL = prom.Gauge("crl_actor_time_at_goal", "Mean steps at goal per finished episode")
+EPISODE_ID_BASE = prom.Gauge("crl_actor_episode_id_base",
+                             "First episode id of this process (random at every start)")
+NEXT_EPISODE_ID = prom.Gauge("crl_actor_next_episode_id", "Next episode id this actor hands out")
+DROPPED = prom.Counter("crl_actor_segments_dropped_total",
+                       "Segments not confirmed by replay when the actor stopped")
+
+FLUSH_SLICE_S = 2.0      # longest single flush wait (stop responsiveness)
+PROBE_AFTER_S = 4.0      # flushes held this long: ask replay (1 s bound) whether it is up at all
+FINAL_FLUSH_S = 10.0     # after a stop request: how long the current write may still take
 
 
 class ParamsRefresher:
@@ -67,8 +80,9 @@ class ParamsRefresher:
         try:
             got = self.client.get(min_version=self.version, subset="actor")
         except Exception as e:   # learner down or restarting: keep the last params
-            self.log.warning("params refresh failed (%s); keeping version %d", type(e).__name__,
-                             self.version)
+            code = getattr(e, "code", None)
+            why = code().name if callable(code) else type(e).__name__
+            self.log.warning("params refresh failed (%s); keeping version %d", why, self.version)
             RECONNECTS.labels(to="learner").inc()
             return False
         if got is None:
@@ -92,20 +106,30 @@ class ParamsRefresher:
         self._stop.set()
 
 
+def _replay_answers(address: str) -> bool:
+    """True if replay answers a server-info call within 1 s."""
+    import reverb
+    try:
+        reverb.Client(address).server_info(1)
+        return True
+    except Exception:
+        return False
+
+
 def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, log=None) -> int:
     from replay import ReplayTimeout, ReplayUnavailable
     from replay.writer import SegmentWriter
 
     log = log or M.setup_logging(f"actor{actor_id}")
     stop = stop or threading.Event()
+    security = security_from_config(cfg.service)   # fail fast on a missing Secret
     env = make_env(cfg.env.name)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
     template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
     unroller = Unroller(env, nets, cfg.env.num_envs, cfg.episode_length)
     T = cfg.segment_length
 
-    client = ParameterClient(cfg.service.params_address, timeout_s=cfg.service.rpc_timeout_s,
-                             template=template, max_message_mb=cfg.service.max_message_mb)
+    client = client_from_config(cfg, template=template, security=security)
     refresher = ParamsRefresher(client, cfg.actor.param_refresh_s, log)
     if not refresher.wait_first(stop, timeout_s=3600.0):
         log.info("stopped before the first params arrived")
@@ -116,11 +140,20 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
     key = jax.random.PRNGKey(seed % (2**31))
     id_base = int.from_bytes(os.urandom(3), "little") << 6
     state = unroller.reset(key, id_base)
+    EPISODE_ID_BASE.set(id_base)
+    NEXT_EPISODE_ID.set(id_base + cfg.env.num_envs)
+
+    def new_writer():
+        return SegmentWriter(cfg.service.replay_address, cfg,
+                             min(cfg.actor.write_timeout_s, FLUSH_SLICE_S),
+                             state_dim=env.state_dim, action_dim=env.action_size)
 
     writer = None
     backoff = M.Backoff()
+    last_held_log = 0.0
     episodes = success_steps = 0.0
-    log.info("stepping %d envs of %s, segments of %d steps", cfg.env.num_envs, cfg.env.name, T)
+    log.info("stepping %d envs of %s, segments of %d steps, episode ids from %d", cfg.env.num_envs,
+             cfg.env.name, T, id_base)
     while not stop.is_set():
         version, params = refresher.latest()
         VERSION.set(version)
@@ -128,21 +161,55 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
         state, segments, stats = unroller.unroll(state, params, version, length=T)
         segments = jax.tree_util.tree_map(np.asarray, segments)
         UNROLL_SECONDS.observe(time.perf_counter() - t0)
+        NEXT_EPISODE_ID.set(int(state.next_episode_id))
         # Write, waiting (bounded, logged) while replay is down or the rate limiter holds inserts.
+        # After a stop request the current write still gets FINAL_FLUSH_S to be confirmed.
         t0 = time.perf_counter()
-        written = False
-        while not written and not stop.is_set():
+        written = pending = False   # pending: appended to the writer, waiting for confirmation
+        stop_deadline = None
+        held_since = None
+        last_probe, replay_was_down = 0.0, False
+        while not written:
+            if stop.is_set():
+                stop_deadline = stop_deadline or time.monotonic() + FINAL_FLUSH_S
+                if time.monotonic() > stop_deadline:
+                    break
             try:
                 if writer is None:
-                    writer = SegmentWriter(cfg.service.replay_address, cfg,
-                                           cfg.actor.write_timeout_s, state_dim=env.state_dim,
-                                           action_dim=env.action_size)
-                writer.write(segments)
+                    writer = new_writer()
+                if pending:
+                    writer.flush()
+                else:
+                    writer.write(segments)
                 written = True
                 backoff.reset()
             except ReplayTimeout:
+                # Appended and not yet confirmed if the writer got past its server check.
+                pending = getattr(writer, "_writer", None) is not None
                 RATE_LIMITED.inc()
-                log.info("replay holds inserts (learner behind or replay busy); retrying")
+                now = time.monotonic()
+                held_since = held_since or now
+                if now - held_since >= 10.0 and now - last_held_log > 30.0:
+                    log.info("replay has held inserts for %.0fs (learner behind or restarting, or "
+                             "replay busy); still waiting", now - held_since)
+                    last_held_log = now
+                # Held by the rate limiter, or is replay gone? Reverb's writer would reconnect by
+                # itself, but only after its own reconnect backoff (~10 s measured): once replay
+                # was seen down and answers again, a fresh writer re-sends the pending segments.
+                if now - held_since >= PROBE_AFTER_S and now - last_probe >= FLUSH_SLICE_S:
+                    last_probe = now
+                    up = _replay_answers(cfg.service.replay_address)
+                    if not up and not replay_was_down:
+                        log.warning("replay at %s does not answer; waiting for it",
+                                    cfg.service.replay_address)
+                    elif up and replay_was_down:
+                        log.info("replay answers again; reconnecting the writer (pending segments "
+                                 "are written again)")
+                        RECONNECTS.labels(to="replay").inc()
+                        if writer is not None:
+                            writer.close()
+                        writer, pending = None, False
+                    replay_was_down = not up
             except (ReplayUnavailable, ConnectionError, OSError) as e:
                 RECONNECTS.labels(to="replay").inc()
                 delay = backoff.next()
@@ -152,9 +219,15 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
                         writer.close()
                     except Exception:
                         pass
-                writer = None
-                stop.wait(delay)
+                writer, pending = None, False   # unconfirmed items are written again
+                if stop.is_set():
+                    time.sleep(min(delay, 0.5))   # stopping: keep trying within FINAL_FLUSH_S
+                else:
+                    stop.wait(delay)
         if not written:
+            DROPPED.inc(cfg.env.num_envs)
+            log.warning("stopping: %d segments of the last unroll were not confirmed by replay "
+                        "within %.0fs; dropped", cfg.env.num_envs, FINAL_FLUSH_S)
             break
         WRITE_SECONDS.observe(time.perf_counter() - t0)
         SEGMENTS.inc(cfg.env.num_envs)

@@ -7,6 +7,7 @@ any process starts and names each bad field with its allowed values.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
@@ -99,6 +100,15 @@ class ServiceConfig:
     metrics_port: int = 19000           # local launcher: role k gets metrics_port + k
     rpc_timeout_s: float = 10.0         # bound on every blocking call across processes
     max_message_mb: int = 4             # gRPC chunk size for params streams
+    # ParameterService security (docs/reliability.md). Paths, read when a role starts (a
+    # Kubernetes Secret mounts them); the token itself is never in the config or the logs.
+    tls_cert: str = ""                  # PEM certificate the learner serves; with tls_key: TLS on
+    tls_key: str = ""                   # PEM private key of tls_cert
+    tls_ca: str = ""                    # PEM roots actors/evaluator trust; "" = tls_cert itself
+    tls_server_name: str = ""           # name checked in the certificate; "" = params_address host
+    token_file: str = ""                # file holding the shared params token
+    token_env: str = "CRL_PARAMS_TOKEN" # else this env var holds it ("" = none; unset = no token)
+    require_token: bool = False         # refuse to start without a token (k8s overlays: true)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +357,22 @@ def _errors(cfg: Config) -> List[str]:
             errs.append(f"service.{n} = {addr!r}: must be host:port with port in 1..65535")
     if not 0 < cfg.service.metrics_port < 65536:
         errs.append(f"service.metrics_port = {cfg.service.metrics_port}: must be in 1..65535")
+    s = cfg.service
+    if bool(s.tls_cert) != bool(s.tls_key):
+        errs.append(f"service.tls_cert = {s.tls_cert!r} / service.tls_key = {s.tls_key!r}: set "
+                    "both (TLS on) or neither (TLS off)")
+    if s.tls_ca and not s.tls_cert:
+        errs.append(f"service.tls_ca = {s.tls_ca!r}: clients would use TLS but the learner would "
+                    "not; set service.tls_cert and service.tls_key too")
+    if s.tls_server_name and (any(c.isspace() for c in s.tls_server_name) or not s.tls_cert):
+        errs.append(f"service.tls_server_name = {s.tls_server_name!r}: must be a DNS name without "
+                    "spaces, and only with service.tls_cert set")
+    if s.token_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", s.token_env):
+        errs.append(f"service.token_env = {s.token_env!r}: must be an environment variable name "
+                    "(letters, digits, '_'; not starting with a digit) or empty")
+    if s.require_token and not (s.token_file or s.token_env):
+        errs.append("service.require_token = true: set service.token_file or service.token_env "
+                    "(where the token comes from)")
 
     if errs:   # the derived checks below assume the fields above are sane
         return errs

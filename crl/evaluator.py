@@ -19,7 +19,7 @@ from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
 from crl.networks import CRLNetworks
-from crl.params_service import ParameterClient
+from crl.params_service import client_from_config, security_from_config
 from crl.rollout import Unroller
 
 TIME_AT_GOAL = prom.Gauge("crl_eval_time_at_goal", "Mean steps at goal per episode (0..episode length)")
@@ -32,12 +32,12 @@ EVAL_SECONDS = prom.Gauge("crl_eval_seconds", "Duration of the last evaluation")
 def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     log = log or M.setup_logging("evaluator")
     stop = stop or threading.Event()
+    security = security_from_config(cfg.service)   # fail fast on a missing Secret
     env = make_env(cfg.env.name, far_goals=cfg.eval.far_goals)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
     template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
     unroller = Unroller(env, nets, cfg.eval.num_envs, cfg.episode_length)
-    client = ParameterClient(cfg.service.params_address, timeout_s=cfg.service.rpc_timeout_s,
-                             template=template, max_message_mb=cfg.service.max_message_mb)
+    client = client_from_config(cfg, template=template, security=security)
     os.makedirs(cfg.run.run_dir, exist_ok=True)
     history = os.path.join(cfg.run.run_dir, "eval.jsonl")
     key = jax.random.PRNGKey(cfg.run.seed + 12345)
@@ -46,7 +46,9 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         try:
             got = client.get(min_version=version, subset="actor")
         except Exception as e:
-            log.info("no params yet from %s (%s)", cfg.service.params_address, type(e).__name__)
+            code = getattr(e, "code", None)
+            log.info("no params from %s (%s)", cfg.service.params_address,
+                     code().name if callable(code) else type(e).__name__)
             got = None
         if got is not None:
             version, tree = got

@@ -4,7 +4,10 @@ replay -> learner -> evaluator -> actors, each `python -m crl.cli ROLE --config 
 with its own /metrics port (service.metrics_port + k) and log file (<run_dir>/logs/ROLE.log).
 Shows a progress line read from the roles' metrics, restarts a child that crashed, and stops
 everything (SIGTERM, then SIGKILL after a bound) on Ctrl-C or when the learner reports the step
-budget reached. Writes <run_dir>/summary.json with the last metrics of every role.
+budget reached. Writes <run_dir>/summary.json with the last metrics of every role, exit codes,
+restarts (with times) and how long each role took to stop after SIGTERM, and keeps
+<run_dir>/pids.json ({name: pid} of the running children) current for tools and fault tests.
+The ParameterService's TLS files and token are checked before anything starts.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ class Child:
         self.proc: Optional[subprocess.Popen] = None
         self.restarts = 0
         self.exit_codes: List[int] = []
+        self.events: List[Dict] = []       # {"t": seconds since launch, "exit_code", "restart"}
+        self.stop_s: Optional[float] = None
 
     @property
     def url(self) -> str:
@@ -59,11 +64,14 @@ class Child:
     def wait_or_kill(self, timeout_s: float) -> int:
         if self.proc is None:
             return 0
+        t0 = time.monotonic()
         try:
-            return self.proc.wait(timeout=timeout_s)
+            rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(timeout=10)
+            rc = self.proc.wait(timeout=10)
+        self.stop_s = time.monotonic() - t0
+        return rc
 
 
 def _wait_port(address: str, timeout_s: float, child: Child) -> None:
@@ -80,6 +88,23 @@ def _wait_port(address: str, timeout_s: float, child: Child) -> None:
             time.sleep(0.3)
     raise TimeoutError(f"{child.name} did not open {address} within {timeout_s:.0f}s; "
                        f"see {child.log_path}")
+
+
+def _write_pids(run_dir: str, children: List[Child]) -> None:
+    pids = {c.name: c.proc.pid for c in children if c.proc is not None and c.poll() is None}
+    tmp = os.path.join(run_dir, "pids.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(pids, f)
+    os.replace(tmp, os.path.join(run_dir, "pids.json"))
+
+
+def _learner_finished(run_dir: str) -> bool:
+    """True if the learner exited 0 because it reached its step budget (not a stray SIGTERM)."""
+    try:
+        with open(os.path.join(run_dir, "learner_final.json")) as f:
+            return json.load(f).get("stopped_by", "budget") == "budget"
+    except (OSError, ValueError):
+        return True
 
 
 def _get(m: Dict[str, float], name: str, default=float("nan")) -> float:
@@ -101,6 +126,14 @@ def progress_line(scraped: Dict[str, Dict[str, float]], actors: List[str], t: fl
 
 def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float = 300.0,
         out=sys.stdout) -> int:
+    from crl.config import ConfigError
+    from crl.params_service import security_from_config
+    try:   # the files a Secret mounts in a pod: checked here before any child starts
+        security_from_config(cfg.service, server=True)
+        security_from_config(cfg.service, server=False)
+    except ConfigError as e:
+        print(f"[local] invalid config: {e}", file=out, flush=True)
+        return 2
     run_dir = cfg.run.run_dir
     log_dir = os.path.join(run_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
@@ -124,16 +157,19 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     try:
         print(f"[local] run dir {run_dir}; logs in {log_dir}", file=out, flush=True)
         replay.start()
+        _write_pids(run_dir, children)
         _wait_port(cfg.service.replay_address, startup_timeout_s, replay)
         learner.start()
+        _write_pids(run_dir, children)
         _wait_port(cfg.service.params_address, startup_timeout_s, learner)
         for c in [evaluator] + actors:
             c.start()
+        _write_pids(run_dir, children)
         last_progress = 0.0
         while not interrupted:
             time.sleep(0.5)
             rc = learner.poll()
-            if rc == 0:
+            if rc == 0 and _learner_finished(run_dir):
                 print("[local] learner reached the step budget; stopping", file=out, flush=True)
                 break
             for c in children:
@@ -141,6 +177,8 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 if rc is None:
                     continue
                 c.exit_codes.append(rc)
+                c.events.append({"t": round(time.monotonic() - t0, 3), "exit_code": rc,
+                                 "restart": c.restarts + 1})
                 if c.restarts >= MAX_RESTARTS:
                     raise RuntimeError(f"{c.name} crashed {c.restarts + 1} times (last exit {rc}); "
                                        f"see {c.log_path}")
@@ -148,6 +186,7 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 print(f"[local] {c.name} exited with {rc}; restart {c.restarts}/{MAX_RESTARTS}",
                       file=out, flush=True)
                 c.start()
+                _write_pids(run_dir, children)
             now = time.monotonic()
             if now - last_progress >= progress_every_s:
                 for c in children:
@@ -178,10 +217,13 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 c.terminate()
             for c in group:
                 exits[c.name] = c.wait_or_kill(STOP_TIMEOUT_S)
+        _write_pids(run_dir, children)   # {} once everything stopped
         for s, h in previous.items():
             signal.signal(s, h)
         summary = {"metrics": scraped, "exit_codes": exits,
                    "restarts": {c.name: c.restarts for c in children},
+                   "restart_events": {c.name: c.events for c in children},
+                   "stop_s": {c.name: c.stop_s for c in children},
                    "actor_versions_seen": versions_seen, "wall_s": time.monotonic() - t0}
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -33,7 +33,12 @@ def scrape(url: str, timeout_s: float = 2.0) -> Dict[str, float]:
 
 
 def setup_logging(role: str, level: int = logging.INFO) -> logging.Logger:
-    logging.basicConfig(level=level, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    # force: some imports (orbax, TensorFlow) install a root handler at WARNING first, which would
+    # silently drop every INFO line of the role.
+    logging.basicConfig(level=level, format=f"%(asctime)s {role} %(levelname)s %(message)s",
+                        force=True)
+    for noisy in ("absl", "orbax", "jax", "tensorflow"):   # dozens of INFO lines per checkpoint
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     return logging.getLogger(f"crl.{role}")
 
 

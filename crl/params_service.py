@@ -33,6 +33,15 @@ Every client RPC carries a deadline of `timeout_s`.
 
 Auth: with `token` set, GetParams requires metadata `authorization: Bearer <token>`. Health is
 left open so that liveness/readiness probes work without secrets (it reveals only the version).
+The token is compared in constant time and never logged or put in an error message.
+
+TLS: `ParameterServer(..., tls_cert=PEM, tls_key=PEM)` serves over TLS only;
+`ParameterClient(..., tls_ca=PEM, tls_server_name=None)` connects over TLS, trusting `tls_ca`.
+`security_from_config(cfg.service)` reads both and the token from the files / env var the config
+names (a Kubernetes Secret mounts them), raising ConfigError naming the field if one is unusable.
+
+Protocol version: requests carry `protocol_version` (PROTOCOL_VERSION); a client newer than the
+server gets FAILED_PRECONDITION naming both versions; 0 (unset) reads as 1.
 """
 from __future__ import annotations
 
@@ -62,6 +71,7 @@ _MAX_KEY_CHARS = 256
 _AUTH_KEY = "authorization"
 _MISMATCH_KEY = "crl-params-mismatch"   # trailing metadata: JSON of the first differing leaf
 ALL = "all"
+PROTOCOL_VERSION = 1                    # wire protocol spoken (protos/params.proto)
 
 Subset = Union[str, Sequence[str], None]
 Spec = Tuple[str, Tuple[int, ...], str]          # (name, shape, dtype name)
@@ -409,6 +419,15 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
                          "'authorization: Bearer <token>'", "unauthenticated")
 
     def _validate(self, req) -> Tuple[Tuple[str, ...], int]:
+        if req.protocol_version > PROTOCOL_VERSION:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"client speaks params protocol version {req.protocol_version}, this "
+                         f"server speaks {PROTOCOL_VERSION}: run the same crl release in every "
+                         "role", "bad_version")
+        if req.min_version < -1:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"min_version = {req.min_version}: must be >= -1 (-1 = any version)",
+                         "invalid_argument")
         err = _check_subset(tuple(req.subset))
         if err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, err, "invalid_argument")
@@ -494,7 +513,8 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
             num_leaves=0 if snap is None else len(snap.leaves),
             keys=[] if snap is None else list(snap.keys),
             published_unix_s=0.0 if snap is None else snap.published_unix_s,
-            uptime_s=time.monotonic() - self._s._started_at if self._s._started_at else 0.0)
+            uptime_s=time.monotonic() - self._s._started_at if self._s._started_at else 0.0,
+            protocol_version=PROTOCOL_VERSION)
         self._s._metrics.requests.labels("Health", "ok").inc()
         self._s._metrics.request_latency.labels("Health").observe(time.monotonic() - t0)
         return reply
@@ -514,14 +534,20 @@ class ParameterServer:
     `address` is host:port; port 0 picks a free port (see `.port` / `.address` after start).
     `max_message_mb` bounds every gRPC message: data chunks are at most that many MiB.
     `token`: shared secret; GetParams then requires metadata 'authorization: Bearer <token>'.
+    `tls_cert`, `tls_key`: PEM bytes of the server certificate (chain) and its key; with them the
+    port speaks TLS only.
     """
 
     def __init__(self, address: str, max_message_mb: int = 4, token: Optional[str] = None,
-                 registry: CollectorRegistry = REGISTRY, max_workers: int = 16):
+                 registry: CollectorRegistry = REGISTRY, max_workers: int = 16,
+                 tls_cert: Optional[bytes] = None, tls_key: Optional[bytes] = None):
         if not isinstance(max_message_mb, int) or max_message_mb <= 0:
             raise ValueError(f"max_message_mb = {max_message_mb!r}: must be a positive integer")
-        if token is not None and not token:
-            raise ValueError("token must be None (auth off) or a non-empty string")
+        if token is not None:
+            check_token(token, "token")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key must be given together (PEM bytes)")
+        self._tls = (tls_key, tls_cert) if tls_cert else None
         self._requested_address = address
         self._chunk_bytes = max_message_mb * MiB
         self._msg_limit = self._chunk_bytes + _MSG_MARGIN
@@ -550,7 +576,11 @@ class ParameterServer:
         params_pb2_grpc.add_ParameterServiceServicer_to_server(_Servicer(self), server)
         host = self._requested_address.rpartition(":")[0]
         try:
-            port = server.add_insecure_port(self._requested_address)
+            if self._tls is not None:
+                creds = grpc.ssl_server_credentials([self._tls])
+                port = server.add_secure_port(self._requested_address, creds)
+            else:
+                port = server.add_insecure_port(self._requested_address)
         except RuntimeError as e:
             raise RuntimeError(f"ParameterServer cannot bind {self._requested_address!r}: {e}") \
                 from None
@@ -562,6 +592,10 @@ class ParameterServer:
         self._started_at = time.monotonic()
         self._serving = True
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
 
     def stop(self, grace: Optional[float] = None) -> None:
         """Stops serving; in-flight streams get `grace` seconds to finish (None: cancel now)."""
@@ -645,18 +679,28 @@ class ParameterClient:
     """
 
     def __init__(self, address: str, timeout_s: float = 10.0, template: Any = None,
-                 token: Optional[str] = None, max_message_mb: int = 4):
+                 token: Optional[str] = None, max_message_mb: int = 4,
+                 tls_ca: Optional[bytes] = None, tls_server_name: Optional[str] = None):
         if not timeout_s or timeout_s <= 0:
             raise ValueError(f"timeout_s = {timeout_s!r}: must be > 0")
+        if token is not None:
+            check_token(token, "token")
         if not isinstance(max_message_mb, int) or max_message_mb <= 0:
             raise ValueError(f"max_message_mb = {max_message_mb!r}: must be a positive integer")
         self.address = address
         self.timeout_s = float(timeout_s)
         self._chunk_bytes = max_message_mb * MiB
         limit = self._chunk_bytes + _MSG_MARGIN
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit)])
+        options = [("grpc.max_send_message_length", limit),
+                   ("grpc.max_receive_message_length", limit)]
+        if tls_ca:
+            if tls_server_name:
+                options.append(("grpc.ssl_target_name_override", tls_server_name))
+            self._channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificates=tls_ca), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self.tls = bool(tls_ca)
         self._stub = params_pb2_grpc.ParameterServiceStub(self._channel)
         self._metadata = ((_AUTH_KEY, f"Bearer {token}"),) if token else ()
         self._template = template
@@ -711,7 +755,8 @@ class ParameterClient:
         timeout = timeout_s or self.timeout_s
         expected = self._expected_for(keys)
         req = params_pb2.GetParamsRequest(min_version=int(min_version), subset=list(keys),
-                                          max_chunk_bytes=self._chunk_bytes)
+                                          max_chunk_bytes=self._chunk_bytes,
+                                          protocol_version=PROTOCOL_VERSION)
         if expected is not None:
             req.expected_signature_sha256 = expected[1]
         try:
@@ -842,3 +887,128 @@ def _mismatch_detail(err: grpc.RpcError) -> Optional[Dict[str, Any]]:
     except Exception:  # noqa: BLE001 - no structured detail; fall back to the message
         return None
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Security from the config: TLS files and the shared token (a Kubernetes Secret mounts them).
+
+_MAX_TOKEN_CHARS = 4096
+
+
+def check_token(token: str, where: str) -> str:
+    """The token if usable as gRPC metadata (printable ASCII, no spaces, 1..4096 chars), else
+    ValueError naming `where` (never the token)."""
+    if not isinstance(token, str) or not token:
+        raise ValueError(f"{where}: the params token is empty")
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise ValueError(f"{where}: the params token is longer than {_MAX_TOKEN_CHARS} characters")
+    if any(not 0x21 <= ord(c) <= 0x7e for c in token):
+        raise ValueError(f"{where}: the params token must be printable ASCII without spaces "
+                         "(it travels as gRPC metadata)")
+    return token
+
+
+@dataclass(frozen=True, repr=False)
+class Security:
+    """What a role needs to talk to (or serve) the ParameterService securely. Never logged: repr
+    shows only which parts are on."""
+    token: Optional[str] = None
+    tls_cert: Optional[bytes] = None       # server side
+    tls_key: Optional[bytes] = None        # server side
+    tls_ca: Optional[bytes] = None         # client side: roots to trust
+    tls_server_name: Optional[str] = None  # client side: name to check in the server certificate
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_ca or self.tls_cert)
+
+    def __repr__(self) -> str:
+        return (f"Security(tls={'on' if self.tls else 'off'}, "
+                f"token={'set' if self.token else 'none'})")
+
+    def describe(self) -> str:
+        return f"TLS {'on' if self.tls else 'off'}, token {'required' if self.token else 'off'}"
+
+
+def _read_file(field_name: str, path: str) -> bytes:
+    from crl.config import ConfigError
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{field_name} = {path!r}: cannot read it ({e.strerror or e})") from None
+    if not data.strip():
+        raise ConfigError(f"{field_name} = {path!r}: the file is empty")
+    return data
+
+
+def _check_pem(field_name: str, path: str, data: bytes, kind: str) -> bytes:
+    from crl.config import ConfigError
+    if b"-----BEGIN" not in data or kind.encode() not in data:
+        raise ConfigError(f"{field_name} = {path!r}: not a PEM {kind} (no '-----BEGIN ... {kind}' "
+                          "block)")
+    return data
+
+
+def security_from_config(service, *, server: bool = False, environ=None) -> Security:
+    """Reads the token and TLS material named by `cfg.service` (ServiceConfig).
+
+    server=True: the learner (reads tls_cert and tls_key); else a client (reads tls_ca, or
+    tls_cert when tls_ca is empty, which suits a self-signed certificate). Token: the file
+    service.token_file if set, else the env var service.token_env if set and non-empty.
+    Raises ConfigError naming the field if a file is unreadable or not PEM, the token is
+    malformed, or service.require_token is set and no token is found. The token is never part
+    of a message.
+    """
+    import os
+    from crl.config import ConfigError
+    environ = os.environ if environ is None else environ
+    token = None
+    if service.token_file:
+        raw = _read_file("service.token_file", service.token_file)
+        try:
+            token = check_token(raw.decode("ascii", errors="replace").strip(),
+                                f"service.token_file = {service.token_file!r}")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif service.token_env and environ.get(service.token_env, "").strip():
+        try:
+            token = check_token(environ[service.token_env].strip(),
+                                f"env var {service.token_env} (service.token_env)")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if service.require_token and token is None:
+        raise ConfigError(
+            "service.require_token = true but no params token was found: service.token_file is "
+            f"empty and env var {service.token_env or '(none)'} is unset or empty (mount the "
+            "Secret, see docs/reliability.md)")
+    cert = key = ca = None
+    if server and service.tls_cert:
+        cert = _check_pem("service.tls_cert", service.tls_cert,
+                          _read_file("service.tls_cert", service.tls_cert), "CERTIFICATE")
+        key = _check_pem("service.tls_key", service.tls_key,
+                         _read_file("service.tls_key", service.tls_key), "PRIVATE KEY")
+    if not server and (service.tls_ca or service.tls_cert):
+        name = "service.tls_ca" if service.tls_ca else "service.tls_cert"
+        path = service.tls_ca or service.tls_cert
+        ca = _check_pem(name, path, _read_file(name, path), "CERTIFICATE")
+    return Security(token=token, tls_cert=cert, tls_key=key, tls_ca=ca,
+                    tls_server_name=service.tls_server_name or None)
+
+
+def client_from_config(cfg, template: Any = None, security: Optional[Security] = None,
+                       timeout_s: Optional[float] = None) -> ParameterClient:
+    """A ParameterClient for cfg.service.params_address with the config's TLS and token."""
+    sec = security if security is not None else security_from_config(cfg.service)
+    return ParameterClient(cfg.service.params_address,
+                           timeout_s=timeout_s or cfg.service.rpc_timeout_s, template=template,
+                           token=sec.token, max_message_mb=cfg.service.max_message_mb,
+                           tls_ca=sec.tls_ca, tls_server_name=sec.tls_server_name)
+
+
+def server_from_config(cfg, bind: str, security: Optional[Security] = None,
+                       registry: CollectorRegistry = REGISTRY) -> ParameterServer:
+    """A (not started) ParameterServer on `bind` with the config's TLS and token."""
+    sec = security if security is not None else security_from_config(cfg.service, server=True)
+    return ParameterServer(bind, max_message_mb=cfg.service.max_message_mb, token=sec.token,
+                           registry=registry, tls_cert=sec.tls_cert, tls_key=sec.tls_key)

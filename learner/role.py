@@ -8,7 +8,16 @@ Thin shell around crl.learning.Updater (the update the in-process driver uses):
   - checkpoints its whole state with Orbax every `checkpoint_every` calls, at the end and on
     SIGTERM; resumes from the newest checkpoint. Params versions never go backwards or repeat: after
     a restart it skips every version it may have published after its last checkpoint;
-  - stops when replay has received `learner.total_env_steps` env steps.
+  - stops when replay has received `learner.total_env_steps` env steps;
+  - non-finite data or updates (docs/reliability.md): a sampled batch holding NaN/Inf is not
+    used and its items are deleted from replay (crl_learner_nonfinite_segments_total); an update
+    whose losses or new params are NaN/Inf is not published or checkpointed, the state rolls back
+    to the newest checkpoint (crl_learner_nonfinite_updates_total) and training goes on; after
+    MAX_CONSECUTIVE_NONFINITE in a row the learner exits 1 (training diverges: fix the config).
+
+Fault injection for tests only: if the env var CRL_FAULT_INJECTION_NAN_FILE names a path and that
+file exists, the next update consumes (deletes) it and runs on a batch whose states are NaN, so the
+real detection and rollback path runs. Nothing happens when the variable is unset.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import prometheus_client as prom
 
@@ -27,7 +37,7 @@ from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
 from crl.learning import Updater, resolve_num_devices
-from crl.params_service import ParameterServer
+from crl.params_service import security_from_config, server_from_config
 from learner.checkpoint import LearnerCheckpointer
 
 SGD_STEPS = prom.Gauge("crl_learner_sgd_steps", "SGD steps taken (minibatches)")
@@ -45,7 +55,97 @@ PUBLISH_SECONDS = prom.Histogram("crl_learner_publish_seconds", "Time to publish
 CHECKPOINT_SECONDS = prom.Gauge("crl_learner_checkpoint_seconds", "Duration of the last checkpoint")
 NONFINITE = prom.Counter("crl_learner_nonfinite_updates_total",
                          "Updates whose loss or params were NaN/Inf (dropped, state rolled back)")
+REPLAY_UP = prom.Gauge("crl_learner_replay_up", "1 if replay answered the last poll (every 1 s)")
+NONFINITE_SEGMENTS = prom.Counter("crl_learner_nonfinite_segments_total",
+                                  "Sampled segments holding NaN/Inf (batch dropped, items deleted)")
 LOSS = prom.Gauge("crl_learner_metric", "Loss metrics of the last update", ["name"])
+
+MAX_CONSECUTIVE_NONFINITE = 10
+FAULT_NAN_FILE_ENV = "CRL_FAULT_INJECTION_NAN_FILE"
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """True iff every float leaf of `tree` is finite (one fused reduction on device)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _nonfinite_rows(data) -> np.ndarray:
+    """[N] bool: segments whose float fields hold NaN/Inf."""
+    bad = None
+    for v in data.values():
+        if np.issubdtype(v.dtype, np.floating):
+            b = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+            bad = b if bad is None else bad | b
+    return bad if bad is not None else np.zeros(0, bool)
+
+
+def _delete_items(address: str, table: str, keys, timeout_s: float, log) -> None:
+    """Deletes items from replay (bounded: the Reverb call has no deadline of its own)."""
+    import reverb
+
+    def go():
+        try:
+            reverb.Client(address).mutate_priorities(table, deletes=[int(k) for k in keys])
+        except Exception as e:
+            log.warning("could not delete %d non-finite items from replay: %s", len(keys), e)
+    t = threading.Thread(target=go, name="delete-nonfinite", daemon=True)
+    t.start()
+    t.join(timeout_s)
+
+
+class ReplayPoller(threading.Thread):
+    """Reads replay's insert count every `period_s` in the background, so the update loop never
+    waits on it (a poll of an unreachable replay blocks for up to `timeout_s`). Logs when replay
+    becomes unreachable and when it is back; crl_learner_replay_up follows it."""
+
+    def __init__(self, address: str, table: str, timeout_s: float, log, period_s: float = 1.0):
+        super().__init__(name="replay-poll", daemon=True)
+        self.address, self.table, self.timeout_s, self.log = address, table, timeout_s, log
+        self.period_s = period_s
+        self._lock = threading.Lock()
+        self._inserts: Optional[int] = None
+        self._halt = threading.Event()
+
+    def run(self):
+        lost_at = None
+        while not self._halt.is_set():
+            n = _replay_inserts(self.address, self.table, self.timeout_s)
+            REPLAY_UP.set(n is not None)
+            if n is not None:
+                with self._lock:
+                    self._inserts = n
+                if lost_at is not None:
+                    self.log.info("replay reachable again after %.1fs (%d items inserted so far, "
+                                  "as restored)", time.monotonic() - lost_at, n)
+                    lost_at = None
+            elif lost_at is None and not self._halt.is_set():
+                lost_at = time.monotonic()
+                self.log.warning("replay at %s unreachable (no answer within %.0fs: down, "
+                                 "restarting or busy checkpointing); the sampler and the actors "
+                                 "reconnect by themselves", self.address, self.timeout_s)
+            self._halt.wait(self.period_s)
+
+    def latest(self) -> Optional[int]:
+        with self._lock:
+            return self._inserts
+
+    def stop(self):
+        self._halt.set()
+
+
+def _fault_injection_due() -> bool:
+    """Test-only hook (module docstring): True once per creation of the trigger file."""
+    path = os.environ.get(FAULT_NAN_FILE_ENV)
+    if not path:
+        return False
+    try:
+        os.remove(path)
+        return True
+    except FileNotFoundError:
+        return False
 
 COUNTERS = ("params_version", "update_calls", "env_steps")
 
@@ -65,6 +165,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
 
     log = log or M.setup_logging("learner")
     stop = stop or threading.Event()
+    security = security_from_config(cfg.service, server=True)   # fail fast on a bad Secret
     env = make_env(cfg.env.name)
     num_devices = resolve_num_devices(cfg.learner.num_devices)
     if cfg.learner.segments_per_call % num_devices or cfg.algo.batch_size % num_devices:
@@ -73,6 +174,11 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
                          f"{num_devices} local devices; set learner.num_devices")
     updater = Updater(cfg, env.state_dim, env.action_size, env.goal_indices,
                       jax.random.PRNGKey(cfg.learner.seed), num_devices)
+    if num_devices == 1:
+        # Commit the state to its device now: restored checkpoints come back committed, and a
+        # committed argument is a different jit signature, so a rollback would otherwise cost a
+        # full recompile of the update (measured: 12 s stall on CPU).
+        updater.load_state(jax.device_put(updater.host_state(), jax.local_devices()[0]))
     ckpt_dir = cfg.learner.checkpoint_dir or os.path.join(cfg.run.run_dir, "learner_checkpoints")
     checkpointer = LearnerCheckpointer(ckpt_dir)
     counters = {"params_version": 0, "update_calls": 0, "env_steps": 0}
@@ -88,7 +194,11 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
 
     # Bind on service.host (127.0.0.1 locally, 0.0.0.0 in a pod) at the port of params_address.
     bind = f"{cfg.service.host}:{cfg.service.params_address.rpartition(':')[2]}"
-    server = ParameterServer(bind, max_message_mb=cfg.service.max_message_mb).start()
+    server = server_from_config(cfg, bind, security).start()
+
+    def state_finite() -> bool:
+        st = updater.state
+        return bool(_all_finite((st.actor_params, st.critic_params, st.log_alpha)))
 
     def publish():
         t0 = time.perf_counter()
@@ -111,12 +221,21 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     sampler = None
     backoff = M.Backoff()
     last_poll = 0.0
-    log.info("learner on %d device(s); params at %s; sampling %d segments x %d steps per call",
-             num_devices, server.address, cfg.learner.segments_per_call, T)
+    log.info("learner on %d device(s); params at %s (%s); sampling %d segments x %d steps per call",
+             num_devices, server.address, security.describe(), cfg.learner.segments_per_call, T)
+    if os.environ.get(FAULT_NAN_FILE_ENV):
+        log.warning("TEST FAULT INJECTION armed: a NaN batch is injected whenever %s exists",
+                    os.environ[FAULT_NAN_FILE_ENV])
+    consecutive_bad = 0
+    poller = ReplayPoller(cfg.service.replay_address, TABLE, min(cfg.service.rpc_timeout_s, 3.0),
+                          log)
+    poller.start()
+    stopped_by = "signal"
+    exit_code = 0
     while not stop.is_set():
         now = time.monotonic()
         if now - last_poll > 1.0:
-            inserts = _replay_inserts(cfg.service.replay_address, TABLE, cfg.service.rpc_timeout_s)
+            inserts = poller.latest()
             if inserts is not None:
                 counters["env_steps"] = inserts * T
                 ENV_STEPS.set(counters["env_steps"])
@@ -126,6 +245,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             last_poll = now
             if counters["env_steps"] >= cfg.learner.total_env_steps:
                 log.info("budget reached: %d env steps", counters["env_steps"])
+                stopped_by = "budget"
                 break
         t0 = time.perf_counter()
         try:
@@ -147,16 +267,38 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             stop.wait(delay)
             continue
         WAIT_SECONDS.inc(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        metrics = updater.update(batch.data)
-        COMPUTE_SECONDS.inc(time.perf_counter() - t0)
-        if not all(np.isfinite(v) for v in metrics.values()):
-            NONFINITE.inc()
-            log.error("non-finite update (%s): not published; rolling back to checkpoint %s",
-                      {k: v for k, v in metrics.items() if not np.isfinite(v)},
-                      checkpointer.latest_step())
-            updater.load_state(checkpointer.restore(updater.host_state())[0])
+        bad_rows = _nonfinite_rows(batch.data)
+        if bad_rows.any():
+            keys = batch.info["key"][bad_rows]
+            NONFINITE_SEGMENTS.inc(int(bad_rows.sum()))
+            log.error("sampled batch holds %d segment(s) with NaN/Inf (replay keys %s): batch not "
+                      "used, items deleted from replay", int(bad_rows.sum()),
+                      [int(k) for k in keys[:8]])
+            _delete_items(cfg.service.replay_address, TABLE, keys, cfg.service.rpc_timeout_s, log)
             continue
+        data = batch.data
+        if _fault_injection_due():
+            log.warning("TEST FAULT INJECTION: running this update on NaN states")
+            data = dict(data, state=np.full_like(data["state"], np.nan))
+        t0 = time.perf_counter()
+        metrics = updater.update(data)
+        finite = all(np.isfinite(v) for v in metrics.values()) and state_finite()
+        COMPUTE_SECONDS.inc(time.perf_counter() - t0)
+        if not finite:
+            NONFINITE.inc()
+            consecutive_bad += 1
+            log.error("non-finite update (losses %s; params finite: %s): not published; rolling "
+                      "back to checkpoint %s (%d in a row)",
+                      {k: v for k, v in metrics.items() if not np.isfinite(v)} or "finite",
+                      state_finite(), checkpointer.latest_step(), consecutive_bad)
+            updater.load_state(checkpointer.restore(updater.host_state())[0])
+            if consecutive_bad >= MAX_CONSECUTIVE_NONFINITE:
+                log.error("%d non-finite updates in a row: training diverges (lower the learning "
+                          "rates?); exiting", consecutive_bad)
+                exit_code = 1
+                break
+            continue
+        consecutive_bad = 0
         counters["update_calls"] += 1
         CALLS.inc()
         SAMPLES.inc(cfg.learner.segments_per_call)
@@ -174,9 +316,11 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
                      counters["update_calls"], updater.sgd_steps, counters["env_steps"],
                      counters["params_version"], metrics["critic_loss"],
                      metrics["categorical_accuracy"])
+    poller.stop()
     if sampler is not None:
-        sampler.close()
-    checkpoint()
+        sampler.close(timeout_s=1.0)   # its thread may sit in a rate-limited sample; a daemon
+    if state_finite():   # never checkpoint a bad state (the loop rolls back before getting here)
+        checkpoint()
     log.info("final checkpoint at update call %d (sgd_steps=%d); stopping",
              counters["update_calls"], updater.sgd_steps)
     server.stop(grace=1.0)
@@ -185,8 +329,9 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     with open(os.path.join(cfg.run.run_dir, "learner_final.json"), "w") as f:
         json.dump({**counters, "sgd_steps": updater.sgd_steps,
                    "utd": updater.sgd_steps / after_prefill if after_prefill > 0 else None,
-                   "utd_target": cfg.replay.utd}, f)
-    return 0
+                   "utd_target": cfg.replay.utd, "stopped_by": stopped_by,
+                   "exit_code": exit_code}, f)
+    return exit_code
 
 
 def main(cfg: Config, args) -> int:

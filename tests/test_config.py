@@ -45,6 +45,29 @@ def test_frozen():
     ({"env.num_envs": "many"}, "env.num_envs: 'many' is not an integer"),
     ({"network.critic.residual": "maybe"}, "network.critic.residual: 'maybe' is not a boolean"),
     ({"network.critic.dept": 4}, "unknown config field 'network.critic.dept'"),
+    ({"replay.utd": 0}, "replay.utd = 0.0: must be > 0"),
+    ({"replay.capacity_steps": 50, "replay.min_size_steps": 40},
+     "replay.segment_length = 100: must be <= replay.capacity_steps = 50"),
+    ({"replay.min_size_steps": 100}, "replay.min_size_steps = 100: must hold at least one learner "
+                                     "sample"),
+    ({"actor.param_refresh_s": 0}, "actor.param_refresh_s = 0.0: must be > 0"),
+    ({"learner.publish_every": 0}, "learner.publish_every = 0: must be > 0"),
+    ({"eval.interval_s": -1}, "eval.interval_s = -1.0: must be > 0"),
+    ({"service.metrics_port": 70000}, "service.metrics_port = 70000: must be in 1..65535"),
+    ({"service.replay_address": "replay:99999"},
+     "service.replay_address = 'replay:99999': must be host:port with port in 1..65535"),
+    ({"algo.discount": "high"}, "algo.discount: 'high' is not a number"),
+    ({"service.tls_cert": "/etc/crl/tls.crt"},
+     "service.tls_cert = '/etc/crl/tls.crt' / service.tls_key = '': set both"),
+    ({"service.tls_ca": "/etc/crl/ca.crt"},
+     "service.tls_ca = '/etc/crl/ca.crt': clients would use TLS but the learner would not"),
+    ({"service.token_env": "CRL-TOKEN"}, "service.token_env = 'CRL-TOKEN': must be an environment "
+                                         "variable name"),
+    ({"service.require_token": True, "service.token_env": ""},
+     "service.require_token = true: set service.token_file or service.token_env"),
+    ({"service.tls_server_name": "a b", "service.tls_cert": "c", "service.tls_key": "k"},
+     "service.tls_server_name = 'a b': must be a DNS name without spaces"),
+    ({"service.require_token": "sometimes"}, "service.require_token: 'sometimes' is not a boolean"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(C.ConfigError) as e:
@@ -63,3 +86,23 @@ def test_unknown_yaml_key(tmp_path):
     p.write_text("learner:\n  batchsize: 3\n")
     with pytest.raises(C.ConfigError, match="learner.batchsize"):
         C.load(str(p))
+
+
+def test_bad_config_table_is_large_enough():
+    cases = [m for m in test_invalid_configs_name_the_field.pytestmark
+             if m.name == "parametrize"][0].args[1]
+    assert len(cases) >= 20
+
+
+def test_crl_local_with_a_bad_config_starts_nothing(tmp_path):
+    import subprocess
+    import sys
+    from helpers import REPO
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "crl.cli", "local", "--run.run_dir", str(run_dir),
+                          "--replay.utd", "-1", "--service.tls_cert", "x.crt"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "replay.utd = -1.0: must be > 0" in out.stderr
+    assert "service.tls_cert = 'x.crt' / service.tls_key = ''" in out.stderr
+    assert not run_dir.exists()                    # nothing started, nothing written

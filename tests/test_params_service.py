@@ -356,3 +356,30 @@ def test_unknown_subset_is_an_error_even_when_not_newer(server, client):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'pi'" in e.value.details()
     _, got = client.get(subset=["critic", "actor"])            # any order: payload order
     assert sorted(got) == ["actor", "critic"]
+
+
+def test_wrong_protocol_version_and_min_version_are_refused_with_a_message(server, client):
+    from crl.params_service import PROTOCOL_VERSION
+    server.publish(small_params(), 2)
+    channel = grpc.insecure_channel(server.address)
+    stub = params_pb2_grpc.ParameterServiceStub(channel)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.GetParams(params_pb2.GetParamsRequest(
+                protocol_version=PROTOCOL_VERSION + 1, subset=["actor"]), timeout=TIMEOUT_S))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"protocol version {PROTOCOL_VERSION + 1}" in e.value.details()
+        assert f"server speaks {PROTOCOL_VERSION}" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.GetParams(params_pb2.GetParamsRequest(min_version=-5), timeout=TIMEOUT_S))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "min_version = -5" in e.value.details()
+        # An old client (field unset = 0) is served as version 1.
+        chunks = list(stub.GetParams(params_pb2.GetParamsRequest(subset=["actor"]),
+                                     timeout=TIMEOUT_S))
+        assert chunks[0].header.version == 2
+        assert stub.Health(params_pb2.HealthRequest(), timeout=TIMEOUT_S).protocol_version == \
+            PROTOCOL_VERSION
+    finally:
+        channel.close()
+    assert client.get(subset="actor")[0] == 2                 # still serving
