@@ -30,6 +30,17 @@ def _c(name: str) -> Callable[[Dict], object]:
     return lambda r: r["config"].get(name, "–")
 
 
+def _loop_eff(r) -> str:
+    """Share of the actor role's loop period spent in the jitted unroll (its own histograms)."""
+    f = r["figures"]
+    if "loop_efficiency" in f:
+        return f"{f['loop_efficiency']:.2f}"
+    if "unroll_s" in f and "actor_env_steps_per_s" in f:
+        c = r["config"]
+        return f"{f['unroll_s'] * f['actor_env_steps_per_s'] / (c['num_envs'] * c['segment_length']):.2f}"
+    return "–"
+
+
 def _table(rows: Sequence[Dict], cols: Sequence[Col], markdown: bool) -> str:
     cells = [[str(fn(r)) for _, fn in cols] for r in rows]
     heads = [h for h, _ in cols]
@@ -71,12 +82,14 @@ SECTIONS: Dict[str, Tuple[str, List[Col]]] = {
         ("ratio (≥0.9)", _f("ratio_pipeline_device", 2)),
         ("+publish SGD/s", _f("publish_sgd_steps_per_s", 2)),
         ("ratio +publish", _f("ratio_publish_device", 2)),
+        ("proposed-loop ratio", _f("ratio_proposed_device", 2)),
         ("sampler MB/s", _f("sample_only_mb_per_s", 0)), ("needed MB/s", _f("required_mb_per_s", 1)),
         ("publish s/call", _f("publish_s_per_call", 3))]),
     "actor": ("Actor (role loop writing to Reverb + params refresh vs bare jitted unroll)", [
         ("env", lambda r: r["case"]), ("envs x T", lambda r: f"{r['config']['num_envs']}x{r['config']['segment_length']}"),
         ("bare steps/s", _f("bare_env_steps_per_s", 0)), ("actor steps/s", _f("actor_env_steps_per_s", 0)),
         ("ratio (≥0.9)", _f("ratio_actor_bare", 2)),
+        ("in-loop efficiency", lambda r: _loop_eff(r)),
         ("overlap proto steps/s", _f("overlap_env_steps_per_s", 0)),
         ("overlap ratio", _f("ratio_overlap_bare", 2)), ("unroll s", _f("unroll_s", 3)),
         ("write s", _f("write_s", 3)), ("write MB/s", _f("write_mb_per_s", 1))]),
@@ -143,8 +156,11 @@ def targets(rows: Sequence[Dict]) -> List[Tuple[str, str, str]]:
             out.append((f"learner fed by Reverb / fed on device ≥ 0.9 ({r['case']})",
                         f"{f['ratio_pipeline_device']:.2f}", _met(f["ratio_pipeline_device"] >= 0.9)))
         elif b == "actor" and "ratio_actor_bare" in f:
-            out.append((f"actor role / bare unroll ≥ 0.9 ({r['case']})",
-                        f"{f['ratio_actor_bare']:.2f}", _met(f["ratio_actor_bare"] >= 0.9)))
+            eff = _loop_eff(r)
+            out.append((f"actor role / bare unroll ≥ 0.9 ({r['case']}; bracketed ratio / in-loop "
+                        "efficiency)", f"{f['ratio_actor_bare']:.2f} / {eff}",
+                        f"{_met(f['ratio_actor_bare'] >= 0.9)} / "
+                        f"{_met(eff != '–' and float(eff) >= 0.9)}"))
         elif b == "params" and r["config"]["clients"] >= 16 and r["config"]["params"] > 50e6:
             out.append((f"{r['config']['params'] / 1e6:.0f}M params reach {r['config']['clients']} "
                         "actors on loopback < 2 s", f"{f.get('latency_s', float('nan')):.2f} s",
@@ -162,11 +178,14 @@ def render(rows: Sequence[Dict], markdown: bool = False) -> str:
         return "(no results)"
     parts = []
     m, v = rows[0]["machine"], rows[0]["versions"]
+    devs = next((r["machine"]["devices"] for r in rows if "devices" in r["machine"]), "?")
+    loads = [r["machine"].get("load_avg_1m", float("nan")) for r in rows]
     parts.append(f"run {rows[0]['run_id']}{' (QUICK: not meaningful)' if rows[0]['quick'] else ''}"
                  f" on {m['host']}: {m['cpu']}, {m['cpus_usable']} CPUs, {m['mem_gib']} GiB, "
-                 f"devices {m.get('devices', '?')}, load {m['load_avg_1m']} at the first line; "
-                 f"git {rows[0]['git']}; jax {v['jax']}, dm-reverb {v['dm-reverb']}, "
-                 f"tensorflow {v['tensorflow']}, grpcio {v['grpcio']}, python {v['python']}")
+                 f"devices {devs}; 1-min load average {min(loads):.1f}–{max(loads):.1f} over the "
+                 f"run's result lines; git {rows[0]['git']}; jax {v['jax']}, dm-reverb "
+                 f"{v['dm-reverb']}, tensorflow {v['tensorflow']}, grpcio {v['grpcio']}, "
+                 f"python {v['python']}")
     for key, (title, cols) in SECTIONS.items():
         if key == "update_step":
             sel = [r for r in rows if r["benchmark"] == "update_step" and "depth=" in r["case"]]
@@ -177,7 +196,19 @@ def render(rows: Sequence[Dict], markdown: bool = False) -> str:
         if not sel:
             continue
         parts.append(("### " if markdown else "== ") + title + ("" if markdown else " =="))
+        if key == "replay":
+            mem = [r for r in sel if r["case"] == "memory"]
+            sel = [r for r in sel if r["case"] != "memory"]
         parts.append(_table(sel, cols, markdown))
+        if key == "replay":
+            for r in mem:
+                f = r["figures"]
+                parts.append(
+                    f"Replay memory: {f.get('rss_mb', float('nan')):,.0f} MiB RSS holding "
+                    f"{r['config']['items']:,} segments ({r['config']['items'] * r['config']['segment_length']:,} "
+                    f"env steps), {f.get('bytes_per_env_step', float('nan')):,.0f} bytes per stored env "
+                    f"step = {f.get('overhead_ratio', float('nan')):.2f}x the raw payload; empty server "
+                    f"{f.get('rss_empty_mb', float('nan')):,.0f} MiB.")
         if key == "end_to_end":
             for r in sel:
                 e = r["extra"]
