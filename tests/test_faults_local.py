@@ -45,7 +45,7 @@ NUM_ENVS = 16
 T = 100
 UTD = 0.05
 UTD_BAND = 0.10                  # replay.utd_tolerance: the band the rate limiter guarantees
-MIN_UTD_WINDOW_STEPS = 40_000    # shorter windows are dominated by the limiter's slack (2B
+MIN_UTD_WINDOW_STEPS = 60_000    # shorter windows are dominated by the limiter's slack (2B
                                  # samples), the prefetched batches and the 1 s gauge refresh
 STARTUP_S = 420                  # generous: 2 shared, loaded cores
 RESTART_S = 300
