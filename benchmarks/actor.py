@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 
@@ -122,7 +121,7 @@ def bench_env(env_name: str, a, q: bool) -> None:
     window = a.window or (1.0 if q else 20.0)
     env = make_env(env_name)
     S, A = env.state_dim, env.action_size
-    work = tempfile.mkdtemp(prefix="crl-bench-actor-")
+    work = common.workdir("actor")
     overrides = common.replay_overrides(T, capacity_items=max(4 * num_envs, 256),
                                         segments_per_call=1, minibatches_per_call=1,
                                         batch_size=min(T, 64))
@@ -238,6 +237,7 @@ def main(argv=None) -> int:
     for env_name in (a.bare_envs if a.bare_envs is not None else ([] if a.quick else ["humanoid"])):
         common.header(f"actor: {env_name} (bare unroll only)")
         bench_bare_only(env_name, a)
+    common.cleanup()
     return 0
 
 

@@ -131,8 +131,10 @@ def _num(v):
     return float(f"{v:.6g}") if math.isfinite(v) else v
 
 
-def load_results(path: str, run: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Lines of `path` in the current format; of run `run` ("latest": the newest run id)."""
+def load_results(path: str, run: Optional[str] = None,
+                 require: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Lines of `path` in the current format; of run `run` ("latest": the newest run id, or the
+    newest run with a `require` benchmark line)."""
     rows = []
     if not os.path.exists(path):
         return rows
@@ -147,10 +149,40 @@ def load_results(path: str, run: Optional[str] = None) -> List[Dict[str, Any]]:
         if "run_id" in r and "figures" in r:
             rows.append(r)
     if run == "latest" and rows:
-        run = rows[-1]["run_id"]
+        cand = [r for r in rows if require is None or r["benchmark"] == require]
+        run = (cand or rows)[-1]["run_id"]
     if run:
         rows = [r for r in rows if r["run_id"] == run]
     return rows
+
+
+_WORKDIRS: List[str] = []
+
+
+def workdir(prefix: str) -> str:
+    """A temporary directory for one benchmark's servers and logs; removed by cleanup() when the
+    benchmark succeeds (kept, and named at exit, when it fails or with CRL_BENCH_KEEP=1)."""
+    import tempfile
+    d = tempfile.mkdtemp(prefix=f"crl-bench-{prefix}-")
+    _WORKDIRS.append(d)
+    return d
+
+
+def cleanup() -> None:
+    import shutil
+    if os.environ.get("CRL_BENCH_KEEP") == "1":
+        return
+    while _WORKDIRS:
+        shutil.rmtree(_WORKDIRS.pop(), ignore_errors=True)
+
+
+def _report_kept() -> None:
+    if _WORKDIRS:
+        print(f"benchmark work dirs (logs) kept: {' '.join(_WORKDIRS)}", file=sys.stderr)
+
+
+import atexit  # noqa: E402
+atexit.register(_report_kept)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:

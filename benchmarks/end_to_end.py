@@ -25,7 +25,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 from typing import Dict
 
@@ -129,6 +128,7 @@ def run_local(cfg, cfg_path: str, log_path: str, window: float, settle: float,
            "utd": sgd / max(env, 1), "startup_s": startup_s,
            "learner_wait_frac": d("learner", "crl_learner_wait_seconds_total") / dt,
            "learner_compute_frac": d("learner", "crl_learner_compute_seconds_total") / dt,
+           "learner_publish_frac": d("learner", "crl_learner_publish_seconds_sum") / dt,
            "actor_unroll_frac": sum(d(x, "crl_actor_unroll_seconds_sum") for x in actors) / dt / len(actors),
            "actor_write_frac": sum(d(x, "crl_actor_write_seconds_sum") for x in actors) / dt / len(actors),
            "actor_rate_limited": sum(d(x, "crl_actor_rate_limited_total") for x in actors),
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
                           "replay.min_size_steps": 1_600, "replay.capacity_steps": 20_000,
                           "eval.num_envs": 8})
     overrides.update(dict(kv.split("=", 1) for kv in a.set))
-    work = tempfile.mkdtemp(prefix="crl-bench-e2e-")
+    work = common.workdir("e2e")
     overrides["run.run_dir"] = os.path.join(work, "local")
     cfg = C.load(overrides=overrides)
     cfg_path = os.path.join(work, "config.yaml")
@@ -217,7 +217,8 @@ def main(argv=None) -> int:
     print(f"  local / driver: env steps {ratio_env:.2f}, SGD steps {ratio_sgd:.2f} "
           f"(target >= 0.9: {'met' if min(ratio_env, ratio_sgd) >= 0.9 else 'MISSED'})")
     print(f"  where the time goes (crl local): learner waiting {100 * loc['learner_wait_frac']:.0f}% / "
-          f"computing {100 * loc['learner_compute_frac']:.0f}% of wall time; actors unrolling "
+          f"computing {100 * loc['learner_compute_frac']:.0f}% / publishing "
+          f"{100 * loc['learner_publish_frac']:.0f}% of wall time; actors unrolling "
           f"{100 * loc['actor_unroll_frac']:.0f}% / writing {100 * loc['actor_write_frac']:.0f}%; "
           f"replay inserts held {100 * loc['replay_insert_wait_frac']:.0f}%, samples held "
           f"{100 * loc['replay_sample_wait_frac']:.0f}%")
@@ -230,8 +231,11 @@ def main(argv=None) -> int:
                "local_startup_s": loc["startup_s"]}
     extra = {k: v for k, v in loc.items() if k not in ("env_steps_per_s", "sgd_steps_per_s")}
     extra.update(drivers=drivers, target_ratio=0.9, target_met=min(ratio_env, ratio_sgd) >= 0.9)
-    common.record("end_to_end", f"{a.env} width={width} actors={actors}", config, figures,
+    case = f"{a.env} width={width} actors={actors}" + "".join(f" {kv}" for kv in a.set)
+    config["overrides"] = a.set
+    common.record("end_to_end", case, config, figures,
                   out=a.out, quick=q, extra=extra)
+    common.cleanup()
     return 0
 
 

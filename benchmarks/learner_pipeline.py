@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 
 from benchmarks import common
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
                   f"x {T} steps ({spc * seg_mb:.1f} MB) and {mpc} SGD steps per call")
     overrides = common.replay_overrides(T, capacity_items=max(4 * spc, 64), segments_per_call=spc,
                                         minibatches_per_call=mpc, batch_size=batch)
-    work = tempfile.mkdtemp(prefix="crl-bench-pipeline-")
+    work = common.workdir("pipeline")
     replay_proc = None
     server = sampler = None
     try:
@@ -72,7 +71,6 @@ def main(argv=None) -> int:
         address = replay_proc.address
 
         import jax
-        import numpy as np
         from crl import config as C
         from crl.learning import Updater
         from crl.params_service import ParameterServer
@@ -207,6 +205,7 @@ def main(argv=None) -> int:
             server.stop(None)
         if replay_proc is not None:
             replay_proc.stop()
+    common.cleanup()
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 
 from benchmarks import common
 
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     clients_list = a.clients or ([1, 2] if q else [1, 16])
     repeats = a.repeats or (2 if q else 3)
     common.header("params: publish -> actor latency over gRPC loopback")
-    work = tempfile.mkdtemp(prefix="crl-bench-params-")
+    work = common.workdir("params")
     print(f"{'params':>11} {'MB':>7} {'clients':>7} {'publish s':>9} {'latency s':>9} "
           f"{'max fetch s':>11} {'MB/s':>8}", flush=True)
     for size in sizes:
@@ -115,6 +114,7 @@ def main(argv=None) -> int:
             except OSError:
                 pass
             common.stop_process(server, timeout_s=10)
+    common.cleanup()
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 
 from benchmarks import common
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
               "segment_mb": round(seg_bytes / common.MiB, 4)}
     common.header(f"replay: {dims} dims, segments of {T} steps ({seg_bytes / common.MiB:.2f} MB), "
                   f"{num_envs} per write, {batch} per sample")
-    work = tempfile.mkdtemp(prefix="crl-bench-replay-")
+    work = common.workdir("replay")
     cap = max(8 * batch, int(512 * common.MiB // seg_bytes))   # ~512 MB of segments, FIFO
     replay = common.ReplayProcess(work, S, A, common.replay_overrides(
         T, capacity_items=cap, segments_per_call=batch, minibatches_per_call=1, batch_size=T))
@@ -126,6 +125,7 @@ def main(argv=None) -> int:
         for c in writers + ([sampler] if sampler else []):
             common.stop_process(c, timeout_s=10)
         replay.stop()
+    common.cleanup()
     return 0
 
 

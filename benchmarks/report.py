@@ -215,8 +215,11 @@ def render(rows: Sequence[Dict], markdown: bool = False) -> str:
                 cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(e.get("cpu_cores_by_role", {}).items()))
                 parts.append(
                     f"Where the time goes in crl local ({r['case']}): learner waiting for samples "
-                    f"{100 * e.get('learner_wait_frac', 0):.0f}% and computing "
-                    f"{100 * e.get('learner_compute_frac', 0):.0f}% of wall time; actors unrolling "
+                    f"{100 * e.get('learner_wait_frac', 0):.0f}%, computing "
+                    f"{100 * e.get('learner_compute_frac', 0):.0f}%"
+                    + (f", publishing {100 * e['learner_publish_frac']:.0f}%"
+                       if "learner_publish_frac" in e else "")
+                    + f" of wall time; actors unrolling "
                     f"{100 * e.get('actor_unroll_frac', 0):.0f}% and writing (incl. rate-limiter "
                     f"waits) {100 * e.get('actor_write_frac', 0):.0f}%; replay table: inserts held "
                     f"{100 * e.get('replay_insert_wait_frac', 0):.0f}%, samples held "

@@ -1,7 +1,7 @@
 """Runs every benchmark, then prints the table of this run's figures.
 
     uv run --frozen python -m benchmarks.run_all [--quick] [--only update_step params ...]
-        [--out results/benchmarks.jsonl]
+        [--depths 4 16 64 256 1024] [--out results/benchmarks.jsonl]
 
 Each benchmark runs as its own process (a clean JAX/TensorFlow runtime and its own peak memory)
 and appends its lines, tagged with one run id, to --out. A benchmark that fails is reported and
@@ -25,6 +25,8 @@ BENCHMARKS = ["update_step", "learner_pipeline", "actor", "replay_throughput", "
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=BENCHMARKS, default=None)
+    p.add_argument("--depths", type=int, nargs="+", default=None,
+                   help="update-step depths (default 4 16 64 256; e.g. add 1024 on a GPU)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds per benchmark before it is stopped (default 3600; quick 900)")
     common.add_common_args(p)
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for name in names:
         args = ["-m", f"benchmarks.{name}", "--out", a.out] + (["--quick"] if a.quick else []) + rest
+        if name == "update_step" and a.depths:
+            args += ["--depths", *map(str, a.depths)]
         t0 = time.perf_counter()
         proc = common.spawn(args, env=common.child_env(CRL_BENCH_RUN_ID=rid), passthrough=True)
         try:

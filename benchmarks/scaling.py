@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Sequence
 
 from benchmarks import common
 from benchmarks.update_step import ENV_DIMS, linear_fit, sgd_step_flops
@@ -56,7 +56,8 @@ def _fig(r, k, default=float("nan")):
 
 
 def _on_gpu(r) -> bool:
-    return any(("gpu" in d.lower() or "cuda" in d.lower()) for d in r["machine"].get("devices", []))
+    devs = r["extra"].get("devices") or r["machine"].get("devices", [])
+    return any(("gpu" in d.lower() or "cuda" in d.lower()) for d in devs)
 
 
 def params_of(depth: int) -> Dict[str, int]:
@@ -78,10 +79,11 @@ class Fit:
         self.slope, self.icpt = (linear_fit(use, [self.points[x] for x in use])
                                  if len(use) >= 2 else (float("nan"), float("nan")))
 
-    def __call__(self, depth: int):
-        if depth in self.points:
+    def __call__(self, depth: int, effective: float = None):
+        """Value at `depth` (measured if there), else the fit at `effective` (default depth)."""
+        if depth in self.points and effective in (None, depth):
             return self.points[depth], "M"
-        return self.icpt + self.slope * depth, "F"
+        return self.icpt + self.slope * (depth if effective is None else effective), "F"
 
 
 def model(rows: Sequence[Dict], depths: Sequence[int], pod_cores: int, refresh_s: float) -> Dict:
@@ -100,8 +102,7 @@ def model(rows: Sequence[Dict], depths: Sequence[int], pod_cores: int, refresh_s
 
     def gpu_step(d):
         if gpu:
-            v, tag = step(d)
-            return v, tag
+            return step(d, (3 * min(d, 512) + 9 * d) / 12)
         f = sgd_step_flops(BATCH, WIDTH, d, REPR, S, A, G, False, actor_depth=min(d, 512))
         return a["gpu_step_overhead_ms"] / 1e3 + f / gpu_flops_per_s, "P"
 
@@ -140,9 +141,14 @@ def model(rows: Sequence[Dict], depths: Sequence[int], pod_cores: int, refresh_s
         total_mb = 4 * (pc["actor"] + pc["critic"]) / common.MiB
         gpu_pods = env_rate / gpu_pod_rate
         cpu_pods = env_rate / cpu_pod_rate
-        cpu_step, cpu_tag = step(d) if not gpu else (float("nan"), "-")
-        m, mtag = mem(d)
-        mr, mrtag = mem_remat(d)
+        ad = min(d, 512)
+        # The fits are over equal actor and critic depths; an actor shallower than the critic is
+        # evaluated at the equivalent depth: FLOP weights actor 3, phi 5, psi 4 (sgd_step_flops)
+        # for time, one trunk each (actor, phi, psi) for memory.
+        d_time, d_mem = (3 * ad + 9 * d) / 12, (ad + 2 * d) / 3
+        cpu_step, cpu_tag = step(d, d_time) if not gpu else (float("nan"), "-")
+        m, mtag = mem(d, d_mem)
+        mr, mrtag = mem_remat(d, d_mem)
         out.append({
             "depth": d, "actor_depth": min(d, 512), "params_m": (pc["actor"] + pc["critic"]) / 1e6,
             "cpu_step_s": (cpu_step, cpu_tag), "gpu_step_ms": (1e3 * t, tag),
@@ -153,6 +159,9 @@ def model(rows: Sequence[Dict], depths: Sequence[int], pod_cores: int, refresh_s
             "sample_mb_s_matched": (sgd * BATCH * BYTES_PER_STEP * a["fetch_matched"] / common.MiB, tag),
             "actor_mb": actor_mb, "params_egress_mb_s": (math.ceil(gpu_pods) * actor_mb / refresh_s, "P"),
             "publish_s": (total_mb / publish_mb_s, "P"),
+            "publish_per_call": (total_mb / publish_mb_s / (8 * t), "P"),
+            "replay_load": (sgd * BATCH * BYTES_PER_STEP * a["fetch_default"] / common.MiB / sample_mb,
+                            sgd * BATCH * BYTES_PER_STEP * a["fetch_matched"] / common.MiB / sample_mb),
             "learner_gib": (m / 1024, mtag), "learner_remat_gib": (mr / 1024, mrtag),
             "replay_gib": (a["replay_steps"] * BYTES_PER_STEP * overhead / 2**30, "P"),
         })
@@ -181,7 +190,7 @@ def render(m: Dict, markdown: bool = False) -> str:
                ("SGD steps/s per GPU", lambda r: _v(r["sgd_per_s"])),
                ("env steps/s consumed", lambda r: _v(r["env_per_s"])),
                ("GPU actor pods", lambda r: _v(r["gpu_pods"], 2)),
-               (f"{m['pod_cores']}-core CPU actor pods", lambda r: _v(r["cpu_pods"], 1)),
+               (f"{m['pod_cores']}-core CPU actor pods", lambda r: _v(r["cpu_pods"], 2)),
                ("learner GiB fp32 / remat",
                 lambda r: f"{_v(r['learner_gib'], 2)} / {_v(r['learner_remat_gib'], 2)}")]
     network = [depth, ("trajectories in MB/s", lambda r: _v(r["traj_mb_s"])),
@@ -191,6 +200,9 @@ def render(m: Dict, markdown: bool = False) -> str:
                (f"params egress MB/s ({m['refresh_s']:g} s refresh, GPU pods)",
                 lambda r: _v(r["params_egress_mb_s"])),
                ("publish s (actor+critic, one core)", lambda r: _v(r["publish_s"], 2)),
+               ("publish / GPU call of 8 steps", lambda r: _v(r["publish_per_call"], 2)),
+               ("replay sampling load, default / matched fetch",
+                lambda r: f"{r['replay_load'][0]:.2f} / {r['replay_load'][1]:.2f} P"),
                ("replay GiB", lambda r: _v(r["replay_gib"]))]
     h = "### " if markdown else "== "
     t = "" if markdown else " =="
@@ -224,14 +236,15 @@ def render(m: Dict, markdown: bool = False) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="latest")
+    p.add_argument("--run", default="latest",
+                   help="run id, or 'latest' (default): the newest run with update-step lines")
     p.add_argument("--file", default=common.DEFAULT_OUT)
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--depths", type=int, nargs="+", default=[4, 16, 64, 256, 1024])
     p.add_argument("--pod-cores", type=int, default=16)
     p.add_argument("--refresh-s", type=float, default=1.0, help="actor params refresh period")
     a = p.parse_args(argv)
-    rows = common.load_results(a.file, a.run)
+    rows = common.load_results(a.file, a.run, require="update_step")
     if not rows:
         print(f"no results in {a.file}; run `python -m benchmarks.run_all` first")
         return 1

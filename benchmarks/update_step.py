@@ -124,7 +124,8 @@ def run_case(depth: int, variant: str, batch: int, width: int, dims: str, min_ti
            "gflop_per_step": flops / 1e9, "gflops_per_s": flops / step_s / 1e9,
            "rss_before_compile_mb": rss_before,
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "finite": bool(jnp.isfinite(m["critic_loss"]) and jnp.isfinite(m["actor_loss"]))}
+           "finite": bool(jnp.isfinite(m["critic_loss"]) and jnp.isfinite(m["actor_loss"])),
+           "devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()]}
     if xla_mb is not None:
         out.update(xla_peak_mb=xla_mb, xla_temp_mb=temp_mb)
     return out
@@ -253,12 +254,15 @@ def main(argv=None) -> int:
                                "env_dims": a.env_dims}, figures, out=a.out, quick=a.quick,
                               extra={k: r[k] for k in ("first_step_s", "steps_timed", "step_s_min",
                                                        "gflop_per_step", "rss_before_compile_mb",
-                                                       "xla_temp_mb", "finite") if k in r})
+                                                       "xla_temp_mb", "finite", "devices")
+                                     if k in r})
         finally:
             common.stop_process(proc, timeout_s=10)
     # Compile time, shallowest vs deepest, side by side in one process (fp32 or the first variant).
     pv = "fp32" if "fp32" in variants else variants[0]
     pair_depths = [min(depths), max(depths)]
+    if pair_depths[0] == pair_depths[1]:
+        return _summaries(results, spec, a)
     proc = common.spawn(["-m", "benchmarks.update_step", "--child", json.dumps({"pair": {
         "depths": pair_depths, "variant": pv, "batch": batch, "width": width, "dims": a.env_dims,
         "rounds": 1 if a.quick else 2}})], pipes=True)
@@ -279,6 +283,10 @@ def main(argv=None) -> int:
                   {**spec, "variant": pv, "depths": pair_depths, "env_dims": a.env_dims,
                    "rounds": len(pair["times"][lo])}, pr, out=a.out, quick=a.quick,
                   extra={"compile_s": pair["times"], "compile_cpu_s": pair["cpu"]})
+    return _summaries(results, spec, a)
+
+
+def _summaries(results: Dict[str, List[Dict]], spec: Dict, a) -> int:
     print()
     for variant, rows in results.items():
         rows.sort(key=lambda r: r["depth"])
