@@ -3,10 +3,17 @@
 Polls the ParameterService every `eval.interval_s`; for each new version runs `eval.num_envs`
 episodes with tanh(mean) actions (crl.rollout.Unroller.evaluate, as the driver does), exports
 time at goal and success, and appends a line to <run_dir>/eval.jsonl.
+
+An evaluation is one compiled call that can take minutes (long episodes, slow CPUs), and a
+compiled call cannot be interrupted. The evaluator keeps no state (every finished evaluation is
+already in eval.jsonl), so a stop during an evaluation abandons it: the call runs on a worker
+thread, and on SIGTERM the process logs what it abandoned and exits 0 at once (os._exit: the
+interpreter cannot be finalised under a running XLA call).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -54,9 +61,16 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             version, tree = got
             t0 = time.perf_counter()
             key, k = jax.random.split(key)   # fresh episodes for each version
-            result = unroller.evaluate(k, tree["actor"])
-            row = {"params_version": version, "time_at_goal": float(result["time_at_goal"]),
-                   "success": float(result["success"]), "unix_s": time.time()}
+            log.info("evaluating version %d", version)
+            result = _evaluate_unless_stopped(unroller, k, tree["actor"], stop)
+            if result is None:
+                log.info("stop requested during the evaluation of version %d: abandoned (nothing "
+                         "to save; earlier evaluations are in %s); exiting 0", version, history)
+                client.close()
+                logging.shutdown()
+                os._exit(0)
+            row = {"params_version": version, "time_at_goal": result["time_at_goal"],
+                   "success": result["success"], "unix_s": time.time()}
             EVAL_SECONDS.set(time.perf_counter() - t0)
             TIME_AT_GOAL.set(row["time_at_goal"])
             SUCCESS.set(row["success"])
@@ -69,6 +83,29 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         stop.wait(cfg.eval.interval_s)
     client.close()
     return 0
+
+
+def _evaluate_unless_stopped(unroller: Unroller, key, actor_params,
+                             stop: threading.Event) -> Optional[dict]:
+    """{"time_at_goal", "success"} as floats, or None if `stop` was set before it finished."""
+    out: dict = {}
+
+    def work():
+        try:
+            r = unroller.evaluate(key, actor_params)
+            out.update(time_at_goal=float(r["time_at_goal"]), success=float(r["success"]))
+        except BaseException as e:   # re-raised on the role's thread below
+            out["error"] = e
+
+    worker = threading.Thread(target=work, name="evaluation", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        if stop.wait(0.2):
+            return None
+        worker.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out
 
 
 def main(cfg: Config, args) -> int:
