@@ -16,13 +16,15 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+# Ports and child processes: the one implementation the tests use too.
+from crl.localhost import free_port, free_port_block, stop_process, wait_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = str(REPO / "results" / "benchmarks.jsonl")
@@ -243,29 +245,6 @@ def spawn(args: Sequence[str], log_path: Optional[str] = None, *, pipes: bool = 
     return proc
 
 
-def stop_process(proc: Optional[subprocess.Popen], timeout_s: float = 30.0,
-                 sig: int = signal.SIGTERM) -> Optional[int]:
-    """Stops one child by its PID: `sig`, bounded wait, then SIGKILL."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        try:
-            proc.send_signal(sig)
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-    for stream in (proc.stdin, proc.stdout):
-        try:
-            if stream is not None:
-                stream.close()
-        except OSError:
-            pass
-    return proc.returncode
-
-
 def _pump_lines(proc: subprocess.Popen) -> None:
     """Reader thread of a pipes=True child: its stdout lines into proc.lines (a queue); None at
     EOF. (select() on a buffered pipe misses lines already read into the buffer.)"""
@@ -304,46 +283,6 @@ def read_json_line(proc: subprocess.Popen, timeout_s: float, what: str) -> Dict[
 def send(proc: subprocess.Popen, **msg) -> None:
     proc.stdin.write(json.dumps(msg) + "\n")
     proc.stdin.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_port_block(n: int) -> int:
-    """A base port with n free consecutive ports (each checked by binding it)."""
-    for _ in range(100):
-        base = free_port()
-        if base + n >= 65535:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                sk = socket.socket()
-                socks.append(sk)
-                sk.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sk in socks:
-                sk.close()
-    raise RuntimeError("no block of free ports found")
-
-
-def wait_for(fn, timeout_s: float, what: str, interval_s: float = 0.2, proc=None):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 # ---------------------------------------------------------------------------------------------

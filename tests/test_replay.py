@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from crl import config as config_lib
 from crl.segments import FIELDS, segment_spec
+from helpers import free_port, wait_for
 from replay import TABLE, ReplayError, ReplayTimeout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,23 +37,6 @@ START_TIMEOUT_S = 90.0
 
 def cfg_with(**extra):
     return config_lib.load(None, {**OVERRIDES, **extra})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout_s, what, interval_s=0.1):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def make_segments(ids):
