@@ -1,6 +1,7 @@
 """`crl cluster` without a cluster: cheap import, clear errors when no cluster is configured or
-reachable, `apply --dry-run` (the run's objects: namespace, config, actor count, image), and the
-learner pod's health probe against a real ParameterService."""
+reachable, `apply --dry-run` (the run's objects: namespace, config, actor count, image), the
+checks `create-secrets` makes before it contacts a cluster, and the learner pod's health probe
+against a real ParameterService, in plaintext and over TLS."""
 from __future__ import annotations
 
 import os
@@ -39,7 +40,7 @@ def test_import_is_cheap_and_listed_in_help():
                           capture_output=True, text=True, timeout=60)
     assert "cluster" in proc.stdout
     proc = run("--help")
-    for cmd in ("status", "scale-actors", "apply", "logs", "probe"):
+    for cmd in ("status", "scale-actors", "apply", "logs", "probe", "create-secrets"):
         assert cmd in proc.stdout
 
 
@@ -59,7 +60,7 @@ def test_unreachable_server(tmp_path):
            "users": [{"name": "u", "user": {"token": "t"}}],
            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(cfg))
-    for args in (["status"], ["scale-actors", "2"], ["logs", "learner"]):
+    for args in (["status"], ["scale-actors", "2"], ["logs", "learner"], ["create-secrets"]):
         proc = run(*args, env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
         assert proc.returncode == 2, proc.stderr
         assert "cannot reach the Kubernetes API server at https://127.0.0.1:" in proc.stderr
@@ -181,3 +182,85 @@ def test_params_probe_against_a_real_parameter_service(tmp_path):
     gone = run("probe", "--params", addr, module="crl.cluster")
     assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
     assert run("probe", module="crl.cluster").returncode == 2
+
+
+def _write_cert(directory: Path, names, stem):
+    from crl.cluster import self_signed_certificate
+    cert, key = self_signed_certificate(list(names), days=1)
+    (directory / f"{stem}.crt").write_bytes(cert)
+    (directory / f"{stem}.key").write_bytes(key)
+    return directory / f"{stem}.crt", directory / f"{stem}.key"
+
+
+def test_params_probe_over_tls_needs_the_ca_but_no_token(tmp_path):
+    """The learner pod's probe with the k8s config: TLS on (trusting service.tls_ca, checking
+    the name of service.params_address while dialing 127.0.0.1), a token required for params
+    but not for Health."""
+    from prometheus_client import CollectorRegistry
+
+    from crl.cluster import certificate_names
+    from crl.params_service import ParameterServer
+    cert, key = _write_cert(tmp_path, certificate_names("crl"), "tls")
+    other, _ = _write_cert(tmp_path, ["params"], "other")
+    server = ParameterServer("127.0.0.1:0", token="t0ken-" + "y" * 30, registry=CollectorRegistry(),
+                             tls_cert=cert.read_bytes(), tls_key=key.read_bytes()).start()
+    token = tmp_path / "token"
+    token.write_text("t0ken-" + "y" * 30)
+
+    def probe(ca, *extra, name=""):
+        cfg = tmp_path / "crl.yaml"
+        svc = {"params_address": f"params:{server.port}", "tls_cert": str(cert),
+               "tls_key": str(key), "tls_ca": str(ca), "token_file": str(token),
+               "require_token": True}
+        if name:
+            svc["tls_server_name"] = name
+        cfg.write_text(yaml.safe_dump({"service": svc}))
+        return run("probe", "--config", cfg, *extra, module="crl.cluster")
+    try:
+        server.publish({"actor": {"w": np.ones((2, 3), np.float32)}}, version=4)
+        ok = probe(cert, "--ready")
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert f"params 127.0.0.1:{server.port}: serving=True ready=True version=4" in ok.stdout
+        # An untrusted certificate, or a name the certificate does not hold: no connection.
+        for bad in (probe(other), probe(cert, name="elsewhere")):
+            assert bad.returncode == 1 and "UNAVAILABLE" in bad.stderr, bad.stdout + bad.stderr
+        # A plaintext probe of the TLS port fails too.
+        plain = run("probe", "--params", f"127.0.0.1:{server.port}", module="crl.cluster")
+        assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
+        # A missing CA file: exit 2, naming the file.
+        missing = probe(tmp_path / "no-ca.crt")
+        assert missing.returncode == 2 and "no-ca.crt" in missing.stderr, missing.stderr
+        assert "Traceback" not in missing.stderr
+    finally:
+        server.stop(None)
+
+
+def test_create_secrets_checks_its_inputs_before_contacting_a_cluster(tmp_path):
+    """Each bad input is refused with exit 2 and a message naming it, before any cluster call
+    (no cluster is configured here); no token or key in any message."""
+    good_cert, good_key = _write_cert(tmp_path, ["params", "learner"], "good")
+    other_cert, other_key = _write_cert(tmp_path, ["somewhere.else"], "other")
+    (tmp_path / "notpem").write_text("hello\n")
+    (tmp_path / "badtoken").write_text("two words\n")
+    (tmp_path / "empty").write_text("\n")
+    env = {"HOME": str(tmp_path)}
+    cases = [
+        (["--cert", good_cert], "--cert and --key go together"),
+        (["--ca", good_cert], "--ca needs --cert and --key"),
+        (["--cert", tmp_path / "nope.crt", "--key", good_key], "nope.crt': cannot read it"),
+        (["--cert", tmp_path / "notpem", "--key", good_key], "not a PEM certificate"),
+        (["--cert", good_cert, "--key", tmp_path / "notpem"], "not a PEM private key"),
+        (["--cert", good_cert, "--key", other_key], "is not the private key of the certificate"),
+        (["--cert", other_cert, "--key", other_key], "not 'params', the name the actors check"),
+        (["--token-file", tmp_path / "badtoken"], "printable ASCII without spaces"),
+        (["--token-file", tmp_path / "empty"], "the file is empty"),
+        (["--days", "0"], "--days 0: must be in 1..3650"),
+    ]
+    for args, message in cases:
+        proc = run("create-secrets", *args, env=env)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert "two words" not in proc.stderr and "PRIVATE KEY-----" not in proc.stderr
+    # Good inputs get as far as the cluster (none is configured here).
+    proc = run("create-secrets", "--cert", good_cert, "--key", good_key, env=env)
+    assert proc.returncode == 2 and "no Kubernetes cluster configured" in proc.stderr

@@ -1,7 +1,8 @@
 """A real API server (etcd + kube-apiserver v1.20 from Debian's source package, on 127.0.0.1)
 accepts `kubectl apply -k` of every overlay; a second apply and `kubectl diff` change nothing;
-`crl cluster status | scale-actors | logs | apply` work against it, with clear errors for a
-missing namespace and an unreachable server. Nothing is scheduled (no kubelet, no controllers):
+`crl cluster create-secrets` creates, replaces and keeps the ParameterService's Secrets (the
+first deploy step) and never prints them; `crl cluster status | scale-actors | logs | apply` work
+against it, with clear errors for a missing namespace and an unreachable server. Nothing is scheduled (no kubelet, no controllers):
 status reports desired and ready counts.
 
 The first run builds kube-apiserver (scripts/test_tools/install_tools.py: ~290 CPU-seconds,
@@ -50,8 +51,107 @@ def _versions(server, namespace):
             for o in items + [ns]}
 
 
+def _secret(server, namespace, name):
+    """(type, {key: decoded bytes}, resourceVersion) of a Secret as the server stores it."""
+    import base64
+    o = json.loads(server.kubectl("get", "secret", name, "-n", namespace, "-o", "json").stdout)
+    return (o["type"], {k: base64.b64decode(v) for k, v in o["data"].items()},
+            o["metadata"]["resourceVersion"])
+
+
+def _san(cert_pem: bytes):
+    from cryptography import x509
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return cert, cert.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+
+
+def _assert_never_printed(proc, *values: bytes):
+    out = proc.stdout + proc.stderr
+    for v in values:
+        text = v.decode()
+        assert text.strip() not in out, "a secret value was printed"
+        for line in text.splitlines():
+            if len(line) > 20 and "-----" not in line:
+                assert line not in out, "a secret value was printed"
+
+
+def test_create_secrets_before_the_first_apply(server, tmp_path):
+    """The documented first step: `crl cluster create-secrets` (namespace created on request),
+    then the overlay applies (test_apply_is_accepted_and_idempotent)."""
+    from cryptography.hazmat.primitives import serialization
+    from crl.cluster import self_signed_certificate
+    from crl.params_service import check_token
+    proc = crl(server, "create-secrets")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "namespace 'crl' does not exist" in proc.stderr and "--create-namespace" in proc.stderr
+    assert server.kubectl("get", "namespace", "crl", check=False).returncode != 0
+
+    first = crl(server, "create-secrets", "--create-namespace")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "namespace/crl created" in first.stdout
+    assert "secret/crl-params-tls -n crl created (kubernetes.io/tls: tls.crt, tls.key, ca.crt;" \
+        in first.stdout
+    assert "secret/crl-params-token -n crl created (Opaque: token;" in first.stdout
+    ns = json.loads(server.kubectl("get", "namespace", "crl", "-o", "json").stdout)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    kind, tls, rv_tls = _secret(server, "crl", "crl-params-tls")
+    assert kind == "kubernetes.io/tls" and set(tls) == {"tls.crt", "tls.key", "ca.crt"}
+    cert, names = _san(tls["tls.crt"])
+    for n in ("params", "params.crl", "params.crl.svc", "params.crl.svc.cluster.local",
+              "learner", "learner.crl.svc", "learner.crl.svc.cluster.local"):
+        assert n in names, names
+    assert tls["ca.crt"] == tls["tls.crt"]                     # self-signed: its own CA
+    key = serialization.load_pem_private_key(tls["tls.key"], password=None)
+    spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+    kind, tok, rv_tok = _secret(server, "crl", "crl-params-token")
+    assert kind == "Opaque" and set(tok) == {"token"} and len(tok["token"]) >= 43
+    check_token(tok["token"].decode(), "token")
+    _assert_never_printed(first, tok["token"], tls["tls.key"])
+
+    # A second run replaces both (new certificate, new token) and says the pods must restart.
+    second = crl(server, "create-secrets")
+    assert second.returncode == 0, second.stderr
+    assert "secret/crl-params-tls -n crl replaced" in second.stdout
+    assert "secret/crl-params-token -n crl replaced" in second.stdout
+    assert "kubectl rollout restart statefulset/learner deployment/actor deployment/evaluator" \
+        in second.stderr
+    _, tls2, rv2 = _secret(server, "crl", "crl-params-tls")
+    _, tok2, _ = _secret(server, "crl", "crl-params-token")
+    assert rv2 != rv_tls and tls2["tls.key"] != tls["tls.key"] and tok2 != tok
+    _assert_never_printed(second, tok2["token"], tls2["tls.key"])
+    # --if-missing keeps what exists.
+    kept = crl(server, "create-secrets", "--if-missing")
+    assert kept.returncode == 0 and kept.stdout.count(" kept (") == 2, kept.stdout
+    assert _secret(server, "crl", "crl-params-tls")[2] == rv2
+
+    # The user's own certificate, key and token; a Secret of the wrong type is replaced (the
+    # type cannot change in place).
+    cert_pem, key_pem = self_signed_certificate(["params", "params.crl.svc"], days=2)
+    (tmp_path / "tls.crt").write_bytes(cert_pem)
+    (tmp_path / "tls.key").write_bytes(key_pem)
+    (tmp_path / "token").write_text("my-own-token-0123456789abcdefXYZ\n")
+    server.kubectl("delete", "secret", "crl-params-tls", "-n", "crl")
+    server.kubectl("create", "secret", "generic", "crl-params-tls", "-n", "crl",
+                   "--from-literal=tls.crt=placeholder")
+    own = crl(server, "create-secrets", "--cert", tmp_path / "tls.crt", "--key",
+              tmp_path / "tls.key", "--token-file", tmp_path / "token")
+    assert own.returncode == 0, own.stderr
+    kind, tls3, _ = _secret(server, "crl", "crl-params-tls")
+    assert kind == "kubernetes.io/tls"
+    assert tls3 == {"tls.crt": cert_pem, "tls.key": key_pem, "ca.crt": cert_pem}
+    assert _secret(server, "crl", "crl-params-token")[1] == {"token": b"my-own-token-0123456789abcdefXYZ"}
+    _assert_never_printed(own, b"my-own-token-0123456789abcdefXYZ", key_pem)
+    # Back to generated ones for the rest of the module.
+    assert crl(server, "create-secrets").returncode == 0
+
+
 def test_apply_is_accepted_and_idempotent(server):
     path = T.KUSTOMIZATIONS["cpu"]
+    secrets_before = {n: _secret(server, "crl", n) for n in ("crl-params-tls", "crl-params-token")} \
+        if server.kubectl("get", "secret", "crl-params-tls", "-n", "crl", check=False).returncode \
+        == 0 else None
     first = server.kubectl("apply", "-k", path)
     assert "deployment.apps/actor created" in first.stdout
     assert "networkpolicy.networking.k8s.io/replay-ingress created" in first.stdout
@@ -63,6 +163,19 @@ def test_apply_is_accepted_and_idempotent(server):
     assert _versions(server, "crl") == before
     diff = server.kubectl("diff", "-k", path, check=False)
     assert diff.returncode == 0, diff.stdout + diff.stderr
+    # The applies left the Secrets alone (the manifests hold none; nothing is pruned).
+    if secrets_before is not None:
+        assert {n: _secret(server, "crl", n) for n in secrets_before} == secrets_before
+    # The pods mount them: the learner the whole TLS Secret, the actors only the CA.
+    sts = json.loads(server.kubectl("get", "statefulset", "learner", "-n", "crl", "-o",
+                                    "json").stdout)
+    vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert vols["params-tls"]["secret"]["secretName"] == "crl-params-tls"
+    assert "items" not in vols["params-tls"]["secret"]
+    dep = json.loads(server.kubectl("get", "deployment", "actor", "-n", "crl", "-o", "json").stdout)
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["params-tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    assert vols["params-token"]["secret"]["secretName"] == "crl-params-token"
     # What the server stored is what the overlay says.
     dep = json.loads(server.kubectl("get", "deployment", "actor", "-n", "crl", "-o", "json").stdout)
     assert dep["spec"]["replicas"] == 2
@@ -147,8 +260,16 @@ def test_cluster_apply_a_run(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "namespace/crl-sweep-a created" in proc.stdout
     assert "run.run_dir: '/runs/x' -> '/data/run'" in proc.stderr     # pinned by the manifests
+    # The run's namespace has no Secrets yet: apply says so and how to make them.
+    assert "the pods wait for Secret(s) crl-params-tls, crl-params-token" in proc.stderr
+    assert "crl cluster create-secrets -n crl-sweep-a" in proc.stderr
+    made = crl(server, "create-secrets", "--name", "sweep-a")
+    assert made.returncode == 0 and made.stdout.count(" created (") == 2, made.stderr
+    _, names = _san(_secret(server, "crl-sweep-a", "crl-params-tls")[1]["tls.crt"])
+    assert "params.crl-sweep-a.svc" in names
     proc2 = crl(server, *args)
     assert proc2.returncode == 0
+    assert "the pods wait for Secret" not in proc2.stderr
     lines = proc2.stdout.strip().splitlines()
     assert len(lines) == len(proc.stdout.strip().splitlines()) and \
         all(l.endswith(" unchanged") for l in lines), proc2.stdout

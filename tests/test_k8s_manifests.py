@@ -385,3 +385,174 @@ def test_overlay_configs_keep_the_pinned_fields():
             for part in field.split("."):
                 a, b = a[part], b[part]
             assert a == b, (name, field)
+
+
+# ---------------------------------------------------------------------------------------------
+# ParameterService security: on by default in every kustomization; each pod mounts exactly the
+# Secret files its role reads (the learner: certificate, key, CA, token; actors and evaluator: the
+# CA and the token, never the key); no secret in any manifest.
+
+def _secret_files(spec, container) -> dict:
+    """{path in the container: (Secret, key)} of every Secret the container mounts (secret and
+    projected volumes; without `items`, the keys `crl cluster create-secrets` writes)."""
+    from crl.cluster import SECRET_KEYS
+    vols = {v["name"]: v for v in spec.get("volumes", [])}
+    out = {}
+    for m in container.get("volumeMounts", []):
+        v = vols.get(m["name"], {})              # absent: a StatefulSet's volume claim
+        sources = [v["secret"]] if "secret" in v else []
+        sources += [dict(s["secret"], secretName=s["secret"]["name"])
+                    for s in (v.get("projected") or {}).get("sources", []) if "secret" in s]
+        for s in sources:
+            assert m.get("readOnly") is True and "subPath" not in m, m
+            assert not s.get("optional"), s          # a pod without its Secret must not start
+            items = s.get("items") or [{"key": k, "path": k} for k in SECRET_KEYS[s["secretName"]]]
+            for it in items:
+                out[f"{m['mountPath']}/{it['path']}"] = (s["secretName"], it["key"])
+    for e in container.get("env", []):
+        ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if ref:
+            out[f"env:{e['name']}"] = (ref["name"], ref["key"])
+    return out
+
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_params_tls_and_token_are_on_and_each_pod_mounts_only_what_it_reads(rendered, name):
+    from crl.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names
+    _, objs = rendered[name]
+    s = C.validate(_crl_config(objs)).service
+    assert s.require_token is True
+    assert s.tls_cert and s.tls_key and s.tls_ca and s.token_file
+    # The name the clients check is one a certificate from `crl cluster create-secrets` holds.
+    host = s.tls_server_name or s.params_address.rpartition(":")[0]
+    assert host in certificate_names("crl")
+    client = {s.tls_ca: (TLS_SECRET, "ca.crt"), s.token_file: (TOKEN_SECRET, "token")}
+    want = {"learner": {**client, s.tls_cert: (TLS_SECRET, "tls.crt"),
+                        s.tls_key: (TLS_SECRET, "tls.key")},
+            "actor": client, "evaluator": client, "replay": {}, "prometheus": {}, "grafana": {}}
+    seen = set()
+    for _, lab, spec in _pods(objs):
+        role = _role(lab)
+        seen.add(role)
+        for c in spec["containers"]:
+            assert _secret_files(spec, c) == want[role], (name, role)
+        if role != "learner":
+            assert "tls.key" not in yaml.safe_dump(spec), (name, role)
+    assert seen == set(want)
+
+
+def test_each_role_loads_its_security_from_its_pod_and_only_token_holders_get_params(
+        rendered, tmp_path):
+    """Each pod's Secret files (as the rendered cpu overlay mounts them, with Secrets as `crl
+    cluster create-secrets` makes them) under a directory of its own: every role's config
+    loading finds what it reads (an actor has no key to open), the learner serves TLS, an actor
+    gets params, a client without the token is refused, and the learner's probe passes."""
+    import secrets
+    import subprocess as sp
+
+    import grpc
+    from prometheus_client import CollectorRegistry
+
+    from crl.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names, self_signed_certificate
+    from crl.params_service import ParameterClient, ParameterServer, security_from_config
+
+    _, objs = rendered["cpu"]
+    cfg = _crl_config(objs)
+    cert, key = self_signed_certificate(certificate_names("crl"), days=1)
+    token = secrets.token_urlsafe(32)
+    data = {(TLS_SECRET, "tls.crt"): cert, (TLS_SECRET, "tls.key"): key,
+            (TLS_SECRET, "ca.crt"): cert, (TOKEN_SECRET, "token"): token.encode()}
+
+    def pod_config(role):
+        spec = [spec for _, lab, spec in _pods(objs) if _role(lab) == role][0]
+        root = tmp_path / role
+        for path, ref in _secret_files(spec, spec["containers"][0]).items():
+            f = root / path.lstrip("/")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(data[ref])
+        svc = {k: (str(root) + v if isinstance(v, str) and v.startswith("/etc/crl/") else v)
+               for k, v in C.to_dict(cfg)["service"].items()}
+        return root, C.from_dict({"service": svc})
+
+    roots = {}
+    for role in ("learner", "actor", "evaluator"):
+        root, rcfg = pod_config(role)
+        roots[role] = root
+        sec = security_from_config(rcfg.service, server=(role == "learner"), environ={})
+        assert sec.token == token and sec.tls
+        if role == "learner":
+            learner_cfg = rcfg
+            server_sec = sec
+        else:
+            assert not list(root.rglob("tls.key")) and not list(root.rglob("tls.crt"))
+            assert sec.tls_key is None and sec.tls_ca == cert
+            client_sec = sec
+    # Without the Secrets mounted, every role refuses to start, naming the field.
+    for server_side in (True, False):
+        with pytest.raises(C.ConfigError, match="service.token_file"):
+            security_from_config(cfg.service, server=server_side, environ={})
+
+    server = ParameterServer("127.0.0.1:0", token=server_sec.token, registry=CollectorRegistry(),
+                             tls_cert=server_sec.tls_cert, tls_key=server_sec.tls_key).start()
+    try:
+        server.publish({"actor": {"w": __import__("numpy").ones((2, 2), "float32")}}, 5)
+        addr = f"127.0.0.1:{server.port}"
+        host = cfg.service.params_address.rpartition(":")[0]      # what the actors dial
+        with ParameterClient(addr, 10.0, token=client_sec.token, tls_ca=client_sec.tls_ca,
+                             tls_server_name=host) as actor:
+            assert actor.get()[0] == 5
+        with ParameterClient(addr, 10.0, tls_ca=client_sec.tls_ca, tls_server_name=host) as anon:
+            with pytest.raises(grpc.RpcError) as e:
+                anon.get()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with ParameterClient(addr, 3.0, token=token) as plain:        # no TLS: no connection
+            with pytest.raises(grpc.RpcError) as e:
+                plain.get()
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED)
+        # The learner's probe command, with its pod's config (TLS, name of params_address).
+        cfg_file = tmp_path / "learner.yaml"
+        cfg_file.write_text(C.dumps(learner_cfg))
+        proc = sp.run([sys.executable, "-m", "crl.cluster", "probe", "--config", str(cfg_file),
+                       "--params", addr, "--ready"], cwd=T.REPO, capture_output=True, text=True,
+                      timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "serving=True ready=True version=5" in proc.stdout
+    finally:
+        server.stop(None)
+
+
+TOKEN_LIKE = r"(?=[A-Za-z0-9_+/=-]*[a-z])(?=[A-Za-z0-9_+/=-]*[A-Z])(?=[A-Za-z0-9_+/=-]*[0-9])" \
+             r"[A-Za-z0-9_+/=-]{32,}"
+
+
+def _secret_findings(text: str) -> list:
+    import re
+    found = [m.group(0) for m in re.finditer(TOKEN_LIKE, text)]
+    found += [line for line in text.splitlines()
+              if "-----BEGIN" in line or re.match(r"\s*kind:\s*Secret\s*$", line)]
+    return found
+
+
+def test_no_secret_in_any_manifest(rendered):
+    import secrets
+    files = [p for p in T.K8S.rglob("*") if p.is_file()]
+    assert len(files) > 15
+    for p in files:
+        assert not _secret_findings(p.read_text()), p
+    for name, (path, objs) in rendered.items():
+        assert not _secret_findings(path.read_text()), name
+        assert not [o for o in objs if o["kind"] == "Secret"], name
+        for _, lab, spec in _pods(objs):
+            for c in spec["containers"]:
+                for e in c.get("env", []):
+                    # A credential would come from a Secret (valueFrom), never a literal value.
+                    assert not any(w in e["name"].upper() for w in
+                                   ("TOKEN", "PASSWORD", "SECRET", "KEY")) or "value" not in e, e
+        # The crl config holds paths to the Secret files, never their contents.
+        svc = C.to_dict(_crl_config(objs))["service"]
+        assert "token" not in svc and svc["token_file"].startswith("/etc/crl/")
+    # The check does catch them: a generated token, a PEM block, a Secret object.
+    assert _secret_findings(f"x: {secrets.token_urlsafe(32)}\n")
+    assert _secret_findings("data:\n  tls.key: |\n    -----BEGIN PRIVATE KEY-----\n")
+    assert _secret_findings("apiVersion: v1\nkind: Secret\n")

@@ -2,8 +2,9 @@
 127.0.0.1) scraped by a real Prometheus running k8s/'s scrape jobs (static targets instead of DNS
 discovery) and rules. Every Grafana panel query and every recording rule returns data; every
 alert expression evaluates, and what each alert compares returns data (an alert that does not
-fire returns nothing, so its operands are checked). The pods' probes, pointed at the local
-ports, succeed against the running roles; `crl cluster status` reads its metrics from this
+fire returns nothing, so its operands are checked). The ParameterService runs with TLS and a
+token, as in the k8s overlays. The pods' probes, pointed at the local ports, succeed against the
+running roles (the learner's over TLS); `crl cluster status` reads its metrics from this
 Prometheus."""
 from __future__ import annotations
 
@@ -35,8 +36,22 @@ def live(tmp_path_factory):
     metrics = base + 2
     ports = {"replay_grpc": base, "params": base + 1,
              **{role: metrics + k for role, k in ROLE_OFFSETS.items()}}
+    # TLS and a token on the ParameterService, as in the k8s overlays: a certificate as `crl
+    # cluster create-secrets` makes it (naming `params`, which the roles check while dialing
+    # 127.0.0.1), so the learner's probe below runs over TLS as in the pod.
+    from crl.cluster import certificate_names, self_signed_certificate
+    cert, key = self_signed_certificate(certificate_names("crl"), days=1)
+    sec = d / "secrets"
+    sec.mkdir()
+    (sec / "tls.crt").write_bytes(cert)
+    (sec / "ca.crt").write_bytes(cert)
+    (sec / "tls.key").write_bytes(key)
+    (sec / "token").write_text(__import__("secrets").token_urlsafe(32) + "\n")
     cmd = [sys.executable, "-m", "crl.cli", "local", "--actors", "1",
            "--run.run_dir", str(d / "run"),
+           "--service.tls_cert", str(sec / "tls.crt"), "--service.tls_key", str(sec / "tls.key"),
+           "--service.tls_ca", str(sec / "ca.crt"), "--service.tls_server_name", "params",
+           "--service.token_file", str(sec / "token"), "--service.require_token", "true",
            "--service.replay_address", f"127.0.0.1:{base}",
            "--service.params_address", f"127.0.0.1:{base + 1}",
            "--service.metrics_port", str(metrics),
@@ -178,6 +193,8 @@ def test_probes_of_the_manifests_succeed_against_the_running_roles(live):
                 cmd = list(probe["exec"]["command"])
                 i = cmd.index("--config") + 1
                 cmd[i] = str(live["dir"] / "run" / "config.yaml")
+                run_cfg = yaml.safe_load(Path(cmd[i]).read_text())["service"]
+                assert run_cfg["tls_ca"] and run_cfg["require_token"]   # a TLS probe, as in k8s
                 assert cmd[0] == "python"
                 proc = subprocess.run([sys.executable] + cmd[1:], cwd=REPO, capture_output=True,
                                       text=True, timeout=60)

@@ -16,7 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 ROLE_SOURCES = ["actors/role.py", "learner/role.py", "crl/evaluator.py", "crl/params_service.py",
                 "replay/server.py"]
 REQUIRED_ALERTS = {"CRLLearnerStalled", "CRLUTDOutOfBand", "CRLNoActorConnected",
-                   "CRLPolicyLagHigh", "CRLReplayNearCapacity", "CRLNaNLoss"}
+                   "CRLPolicyLagHigh", "CRLReplayNearCapacity", "CRLNaNLoss",
+                   "CRLNonFiniteSegments", "CRLActorSegmentsDropped"}
+# Data-loss counters each shown on the dashboard and alerted on: {metric: alert}.
+DATA_LOSS_METRICS = {"crl_learner_nonfinite_segments_total": "CRLNonFiniteSegments",
+                     "crl_actor_segments_dropped_total": "CRLActorSegmentsDropped"}
 
 
 def test_promtool_check_rules():
@@ -114,8 +118,12 @@ def test_dashboard_covers_the_issue():
                    "crl_replay_table_size_env_steps", "crl_replay_inserts_total",
                    "crl_replay_insert_wait_seconds_total", "crl_learner_params_version",
                    "crl_learner_policy_lag", "crl_params_publish_latency_seconds_bucket",
-                   "process_resident_memory_bytes", "up{"):
+                   "process_resident_memory_bytes", "up{", *DATA_LOSS_METRICS):
         assert needle in text, needle
+    alerts = {r["alert"]: r["expr"] for r in T.rules() if "alert" in r}
+    for metric, alert in DATA_LOSS_METRICS.items():
+        assert metric in alerts[alert], (metric, alert)
+        assert metric in _exported_names(), metric
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     for p in dash["panels"]:

@@ -123,6 +123,27 @@ def test_security_from_config_files_and_env(certs, tmp_path):
     assert security_from_config(service_cfg(token_env=""), environ={"CRL_PARAMS_TOKEN": TOKEN}).token is None
 
 
+def test_a_client_reads_only_the_ca_and_the_token(certs, tmp_path):
+    """The k8s layout: actors and the evaluator mount only ca.crt and the token. The config
+    names the learner's tls_cert and tls_key too (one config for every role), which do not exist
+    in their pods: a client never opens them; the learner never needs tls_ca."""
+    (cert, key), _ = certs
+    (tmp_path / "ca.crt").write_bytes(cert.read_bytes())
+    (tmp_path / "token").write_text(TOKEN)
+    fields = dict(tls_cert=str(tmp_path / "absent" / "tls.crt"),
+                  tls_key=str(tmp_path / "absent" / "tls.key"), tls_ca=str(tmp_path / "ca.crt"),
+                  token_file=str(tmp_path / "token"), require_token=True)
+    c = security_from_config(service_cfg(**fields), environ={})
+    assert c.tls_ca == cert.read_bytes() and c.tls_key is None and c.tls_cert is None
+    assert c.token == TOKEN
+    with pytest.raises(C.ConfigError, match="service.tls_cert = .*absent.*cannot read"):
+        security_from_config(service_cfg(**fields), server=True, environ={})   # the learner does
+    s = security_from_config(service_cfg(**dict(fields, tls_cert=str(cert), tls_key=str(key),
+                                                tls_ca=str(tmp_path / "absent" / "ca.crt"))),
+                             server=True, environ={})
+    assert s.tls_cert == cert.read_bytes() and s.tls_ca is None
+
+
 @pytest.mark.parametrize("fields, env, message", [
     ({"require_token": True}, {}, "service.require_token = true but no params token"),
     ({"token_file": "/nonexistent/token"}, {}, "service.token_file = '/nonexistent/token': cannot read"),
