@@ -81,7 +81,16 @@ class LearnerConfig:
     prefetch: int = 2                   # sampled batches in flight ahead of the update
     checkpoint_dir: str = ""            # "" = <run_dir>/learner_checkpoints
     checkpoint_every: int = 200         # SGD calls between Orbax checkpoints
-    publish_every: int = 1              # SGD calls between params publications
+    publish_every: int = 1              # at least this many SGD calls between params versions
+    # Params are published by a background thread, off the update loop: at most once per
+    # publish_interval_s (0 = as often as that thread keeps up), always the newest finite state.
+    # Default: actor.param_refresh_s / 2, so every actor poll finds fresher params.
+    publish_interval_s: float = 0.5
+    # At the env-step budget the learner does the SGD steps still owed for the last data, then
+    # publishes and checkpoints the final state; then exits 0 (crl local stops the run on that),
+    # or with False keeps serving those params until SIGTERM (a Kubernetes Deployment would
+    # otherwise restart a learner that exited).
+    exit_at_budget: bool = True
     seed: int = 0
 
 
@@ -109,6 +118,18 @@ class ServiceConfig:
     token_file: str = ""                # file holding the shared params token
     token_env: str = "CRL_PARAMS_TOKEN" # else this env var holds it ("" = none; unset = no token)
     require_token: bool = False         # refuse to start without a token (k8s overlays: true)
+    # ParameterService throughput (docs/benchmarks.md). Each GetParams stream holds one server
+    # thread while it runs: size the pool to at least the actors + evaluators that fetch at once.
+    params_max_workers: int = 64
+    # What actors and the evaluator fetch: "float32" = as published, bit-exact; "bfloat16" =
+    # float32 leaves rounded to bfloat16 on the wire (half the bytes; the fetched leaves are
+    # bfloat16 arrays). Off by default: it rounds the LayerNorm scales and biases, which the
+    # network computes in float32 even with network.*.dtype = bfloat16.
+    params_wire_dtype: DType = "float32"
+    # A private directory (e.g. /dev/shm/crl-params) that the actors/evaluator of one host share:
+    # one of them fetches each version over the network (checking its sha256) and the others
+    # read it from there. Needs room for one payload per subset. "" = off (each fetches).
+    params_host_cache: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,11 +366,20 @@ def _errors(cfg: Config) -> List[str]:
     positive("learner.prefetch", l.prefetch)
     positive("learner.checkpoint_every", l.checkpoint_every)
     positive("learner.publish_every", l.publish_every)
+    if not 0.0 <= l.publish_interval_s < float("inf"):    # also catches NaN
+        errs.append(f"learner.publish_interval_s = {l.publish_interval_s}: must be a finite "
+                    "number >= 0")
 
     positive("eval.num_envs", cfg.eval.num_envs)
     positive("eval.interval_s", cfg.eval.interval_s)
     positive("service.rpc_timeout_s", cfg.service.rpc_timeout_s)
     positive("service.max_message_mb", cfg.service.max_message_mb)
+    if not 1 <= cfg.service.params_max_workers <= 4096:
+        errs.append(f"service.params_max_workers = {cfg.service.params_max_workers}: must be in "
+                    "1..4096 (threads; at least the actors + evaluators fetching at once)")
+    if cfg.service.params_host_cache and not cfg.service.params_host_cache.startswith("/"):
+        errs.append(f"service.params_host_cache = {cfg.service.params_host_cache!r}: must be an "
+                    "absolute path (e.g. /dev/shm/crl-params) or empty (off)")
     for n in ("replay_address", "params_address"):
         addr = getattr(cfg.service, n)
         host, _, port = addr.rpartition(":")

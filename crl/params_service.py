@@ -13,10 +13,16 @@ Small, Acme-style interface over gRPC (protos/params.proto); no JAX in the wire 
 Wire format. The pytree is flattened with `jax.tree_util.tree_flatten_with_path` into named leaves
 ("actor/trunk/blocks_0/kernel": dict keys, sequence indices and attribute names joined by "/"),
 each stored as C-contiguous little-endian bytes, concatenated in flatten order. `publish`
-serialises once into an immutable snapshot (payload, leaf specs, sha256) and swaps it in under a
-lock, so readers never wait for a publish and a stream always comes from one version. GetParams
-streams a header (version, leaf specs, total bytes, sha256 of the streamed payload) and then the
-payload in chunks of at most `max_message_mb` MiB (or the client's smaller limit).
+serialises once into an immutable snapshot (payload, leaf specs) and swaps it in under a lock, so
+readers never wait for a publish and a stream always comes from one version. GetParams streams a
+header (version, leaf specs, total bytes, sha256 of the streamed payload) and then the payload in
+chunks of at most `max_message_mb` MiB (or the client's smaller limit). Per version, each
+requested subset (and wire dtype) is checksummed and serialised into ready-made gRPC messages
+once, at its first fetch, and every stream of it sends those bytes (_View). Clients copy each
+chunk once, into the buffer their arrays view, and hash it as it arrives.
+
+Optional: `wire_dtype="bfloat16"` (float32 leaves sent as bfloat16: half the bytes) and a
+per-host cache (`host_cache`: one network fetch per host and version; _HostCache).
 
 Subsets select top-level keys: "actor", ["actor", "alpha"], or "all". The result keeps the
 top-level keys: `get(subset="actor")` returns `(version, {"actor": {...}})`.
@@ -49,6 +55,7 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import threading
 import time
 import weakref
@@ -59,6 +66,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import grpc
 import jax
 import numpy as np
+from google.protobuf.message import DecodeError
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from protos import params_pb2, params_pb2_grpc
@@ -72,6 +80,13 @@ _AUTH_KEY = "authorization"
 _MISMATCH_KEY = "crl-params-mismatch"   # trailing metadata: JSON of the first differing leaf
 ALL = "all"
 PROTOCOL_VERSION = 1                    # wire protocol spoken (protos/params.proto)
+_BF16 = "bfloat16"
+WIRE_DTYPES = ("", _BF16)               # GetParamsRequest.wire_dtype: as published, or bfloat16
+_DATA_TAG = b"\x12"                     # ParamsChunk.data: field 2, length-delimited
+_MAX_VIEWS = 16                         # memoised (subset, wire dtype) views per version
+_MAX_EXTRA = 2                          # memoised copies (bf16, serialised) <= 2 x the payload
+_HASH_BLOCK = 1 << 20                   # client: copy then hash in 1 MiB blocks (cache-hot)
+_METHOD = "/crl.params.ParameterService/"
 
 Subset = Union[str, Sequence[str], None]
 Spec = Tuple[str, Tuple[int, ...], str]          # (name, shape, dtype name)
@@ -252,6 +267,74 @@ class _Leaf:
     nbytes: int
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _encode_data(part) -> bytes:
+    """The serialised ParamsChunk{data: part} (byte for byte what protobuf writes), in one copy."""
+    return b"".join((_DATA_TAG, _varint(len(part)), part))
+
+
+class _View:
+    """What one (subset, wire dtype) streams from a snapshot, built once per version: the leaves
+    as streamed, the byte ranges of `payload` they occupy, the sha256 of those bytes, the
+    signature of the specs as published, and (memoised per chunk size) the stream header and the
+    serialised data messages, so that a stream only hands ready-made bytes to gRPC."""
+
+    def __init__(self, published: Tuple[_Leaf, ...], wire: Tuple[_Leaf, ...],
+                 payload: memoryview, ranges: Tuple[Tuple[int, int], ...], digest: bytes,
+                 wire_dtype: str, version: int, keys: Tuple[str, ...]):
+        self.published_specs = [(l.name, l.shape, l.dtype) for l in published]
+        self.signature = signature_hash(self.published_specs)
+        self.leaves, self.payload, self.ranges, self.digest = wire, payload, ranges, digest
+        self.total_bytes = sum(b - a for a, b in ranges)
+        self.wire_dtype, self.version, self.keys = wire_dtype, version, keys
+        self._headers: Dict[int, params_pb2.ParamsHeader] = {}
+        self._encoded: Dict[int, Tuple[Tuple[bytes, int], ...]] = {}
+        self._lock = threading.Lock()
+        self.memoised = False          # kept by its snapshot (else built for one request)
+
+    def header(self, chunk_bytes: int) -> params_pb2.ParamsHeader:
+        """The stream header (memoised; treat as read-only)."""
+        with self._lock:
+            h = self._headers.get(chunk_bytes)
+            if h is None:
+                n_chunks = sum(math.ceil((b - a) / chunk_bytes) for a, b in self.ranges)
+                h = self._headers[chunk_bytes] = params_pb2.ParamsHeader(
+                    not_modified=False, version=self.version,
+                    leaves=[params_pb2.LeafSpec(name=l.name, shape=l.shape, dtype=l.dtype,
+                                                nbytes=l.nbytes) for l in self.leaves],
+                    total_bytes=self.total_bytes, sha256=self.digest, num_chunks=n_chunks,
+                    signature_sha256=self.signature, subset=list(self.keys),
+                    wire_dtype=self.wire_dtype)
+            return h
+
+    def _parts(self, chunk_bytes: int) -> Iterator[memoryview]:
+        for a, b in self.ranges:
+            for s in range(a, b, chunk_bytes):
+                yield self.payload[s:min(b, s + chunk_bytes)]
+
+    def messages(self, chunk_bytes: int, memo: bool) -> Iterator[Tuple[bytes, int]]:
+        """(serialised ParamsChunk{data}, payload bytes in it) in stream order. memo=True keeps
+        them for the next stream of this version (built once, under the lock, by the first)."""
+        if memo:
+            with self._lock:
+                enc = self._encoded.get(chunk_bytes)
+                if enc is None:
+                    enc = self._encoded[chunk_bytes] = tuple(
+                        (_encode_data(p), p.nbytes) for p in self._parts(chunk_bytes))
+            yield from enc
+        else:
+            for p in self._parts(chunk_bytes):
+                yield _encode_data(p), p.nbytes
+
+
 @dataclass
 class _Snapshot:
     """One published version; never mutated after construction except for memo caches."""
@@ -260,10 +343,23 @@ class _Snapshot:
     keys: Tuple[str, ...]                           # top-level keys, payload order
     payload: memoryview                             # read-only
     published_unix_s: float
-    _memo: Dict[Tuple[str, ...], Tuple] = field(default_factory=dict)
-    _headers: Dict[Tuple[Tuple[str, ...], int], params_pb2.ParamsHeader] = \
-        field(default_factory=dict)
+    _views: Dict[Tuple[Tuple[str, ...], str], _View] = field(default_factory=dict)
     _memo_lock: threading.Lock = field(default_factory=threading.Lock)
+    _build_lock: threading.Lock = field(default_factory=threading.Lock)
+    _extra_bytes: int = 0                           # held by memoised copies
+    _reserved: Dict[Tuple[int, int], bool] = field(default_factory=dict)
+
+    def reserve(self, view: "_View", what: int, nbytes: int) -> bool:
+        """Whether `view` may keep a copy of `nbytes` (`what`: 0 = bf16 payload, else the chunk
+        size of serialised messages): memoised copies stay within _MAX_EXTRA x the payload, so
+        that requests for many subsets cannot make the server hold many copies."""
+        with self._memo_lock:
+            key = (id(view), what)
+            if key not in self._reserved:
+                ok = self._extra_bytes + nbytes <= _MAX_EXTRA * self.total_bytes
+                self._reserved[key] = ok
+                self._extra_bytes += nbytes if ok else 0
+            return self._reserved[key]
 
     @property
     def total_bytes(self) -> int:
@@ -274,51 +370,69 @@ class _Snapshot:
         wanted = set(keys or self.keys)
         return tuple(k for k in self.keys if k in wanted)
 
-    def select(self, keys: Tuple[str, ...]):
-        """(leaves, byte ranges, sha256 digest, signature hash) for a subset; memoised so that
-        each subset is hashed once per version."""
+    def view(self, keys: Tuple[str, ...], wire_dtype: str = "") -> _View:
+        """The _View of a subset and wire dtype; memoised (at most _MAX_VIEWS per version) so
+        that each is converted and hashed once per version, however many clients fetch it."""
         keys = self._resolve(keys)
         with self._memo_lock:
-            hit = self._memo.get(keys)
-            if hit is None:
-                leaves = tuple(l for l in self.leaves if l.key in set(keys))
-                ranges: List[List[int]] = []
-                for l in leaves:
-                    if ranges and ranges[-1][1] == l.offset:
-                        ranges[-1][1] += l.nbytes
-                    else:
-                        ranges.append([l.offset, l.offset + l.nbytes])
-                h = hashlib.sha256()
-                for a, b in ranges:
-                    h.update(self.payload[a:b])
-                sig = signature_hash([(l.name, l.shape, l.dtype) for l in leaves])
-                hit = (leaves, tuple(map(tuple, ranges)), h.digest(), sig)
-                self._memo[keys] = hit
-            return hit
-
-    def header(self, keys: Tuple[str, ...], chunk_bytes: int) -> params_pb2.ParamsHeader:
-        """The stream header for a subset (memoised; treat as read-only)."""
-        leaves, ranges, digest, sig = self.select(keys)
-        keys = self._resolve(keys)
-        with self._memo_lock:
-            h = self._headers.get((keys, chunk_bytes))
-        if h is None:
-            n_chunks = sum(math.ceil((b - a) / chunk_bytes) for a, b in ranges)
-            h = params_pb2.ParamsHeader(
-                not_modified=False, version=self.version,
-                leaves=[params_pb2.LeafSpec(name=l.name, shape=l.shape, dtype=l.dtype,
-                                            nbytes=l.nbytes) for l in leaves],
-                total_bytes=sum(b - a for a, b in ranges), sha256=digest, num_chunks=n_chunks,
-                signature_sha256=sig, subset=list(keys))
+            v = self._views.get((keys, wire_dtype))
+        if v is not None:
+            return v
+        with self._build_lock:     # concurrent first fetches build it once; the rest wait
             with self._memo_lock:
-                h = self._headers.setdefault((keys, chunk_bytes), h)
-        return h
+                v = self._views.get((keys, wire_dtype))
+            if v is None:
+                v = self._build_view(keys, wire_dtype)
+                extra = v.payload.nbytes if v.payload is not self.payload else 0
+                with self._memo_lock:
+                    keep = len(self._views) < _MAX_VIEWS
+                if keep and (not extra or self.reserve(v, 0, extra)):
+                    v.memoised = True
+                    with self._memo_lock:
+                        self._views[(keys, wire_dtype)] = v
+            return v
 
-    def chunks(self, keys: Tuple[str, ...], chunk_bytes: int) -> Iterator[bytes]:
-        _, ranges, _, _ = self.select(keys)
+    def _build_view(self, keys: Tuple[str, ...], wire_dtype: str) -> _View:
+        wanted = set(keys)
+        leaves = tuple(l for l in self.leaves if l.key in wanted)
+        if wire_dtype == _BF16:
+            return self._bf16_view(leaves, keys)
+        ranges: List[List[int]] = []
+        for l in leaves:
+            if ranges and ranges[-1][1] == l.offset:
+                ranges[-1][1] += l.nbytes
+            elif l.nbytes:
+                ranges.append([l.offset, l.offset + l.nbytes])
+        h = hashlib.sha256()
         for a, b in ranges:
-            for s in range(a, b, chunk_bytes):
-                yield self.payload[s:min(b, s + chunk_bytes)].tobytes()
+            h.update(self.payload[a:b])
+        return _View(leaves, leaves, self.payload, tuple(map(tuple, ranges)), h.digest(), "",
+                     self.version, keys)
+
+    def _bf16_view(self, leaves: Tuple[_Leaf, ...], keys: Tuple[str, ...]) -> _View:
+        """float32 leaves rounded to bfloat16 (nearest even) into a new contiguous payload."""
+        bf16 = _np_dtype(_BF16)
+        wire, off = [], 0
+        for l in leaves:
+            conv = l.dtype == "float32"
+            nbytes = l.nbytes // 2 if conv else l.nbytes
+            wire.append(_Leaf(l.name, l.key, l.shape, _BF16 if conv else l.dtype, off, nbytes))
+            off += nbytes
+        buf = np.empty(off, np.uint8)
+        h = hashlib.sha256()
+        for l, w in zip(leaves, wire):
+            if not w.nbytes:
+                continue
+            src = np.frombuffer(self.payload, np.uint8, l.nbytes, l.offset)
+            dst = buf[w.offset:w.offset + w.nbytes]
+            if w.dtype == l.dtype:
+                dst[:] = src
+            else:
+                np.copyto(dst.view(bf16), src.view(np.float32), casting="unsafe")
+            h.update(dst)
+        buf.flags.writeable = False
+        return _View(leaves, tuple(wire), memoryview(buf), ((0, off),) if off else (),
+                     h.digest(), _BF16, self.version, keys)
 
 
 def _serialize(params: Any, version: int) -> _Snapshot:
@@ -353,7 +467,6 @@ def _serialize(params: Any, version: int) -> _Snapshot:
             buf[l.offset:l.offset + l.nbytes] = a.reshape(-1).view(np.uint8)
     buf.flags.writeable = False
     snap = _Snapshot(version, tuple(meta), tuple(keys), memoryview(buf), time.time())
-    snap.select(())                                 # hash the whole payload once, at publish
     return snap
 
 
@@ -365,7 +478,8 @@ class _Metrics:
         self.version.set(-1)
         self.publish_latency = Histogram(
             "crl_params_publish_latency_seconds",
-            "Time to serialise, checksum and swap in one params version",
+            "Time to serialise and swap in one params version (each subset is checksummed "
+            "once, at its first fetch)",
             buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), **kw)
         self.payload_bytes = Gauge("crl_params_payload_bytes",
                                    "Bytes of the latest published params payload", **kw)
@@ -400,6 +514,10 @@ class _Abort(Exception):
         self.code, self.message, self.result, self.trailing = code, message, result, trailing
 
 
+def _serialize_chunk(msg: Union[bytes, params_pb2.ParamsChunk]) -> bytes:
+    return msg if type(msg) is bytes else msg.SerializeToString()
+
+
 class _Servicer(params_pb2_grpc.ParameterServiceServicer):
     def __init__(self, server: "ParameterServer"):
         self._s = server
@@ -431,6 +549,10 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
         err = _check_subset(tuple(req.subset))
         if err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, err, "invalid_argument")
+        if req.wire_dtype not in WIRE_DTYPES:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"wire_dtype = {req.wire_dtype[:80]!r}: must be '' (as published) or "
+                         f"{_BF16!r}", "invalid_argument")
         sig = req.expected_signature_sha256
         if sig and (len(sig) != 64 or any(c not in "0123456789abcdef" for c in sig)):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -466,11 +588,11 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
             yield params_pb2.ParamsChunk(header=params_pb2.ParamsHeader(
                 not_modified=True, version=-1 if snap is None else snap.version))
             return
-        header = snap.header(keys, chunk)
+        view = snap.view(keys, req.wire_dtype)
+        header = view.header(chunk)
         if req.expected_leaves:
-            served = [(l.name, tuple(l.shape), l.dtype) for l in header.leaves]
             expected = [(l.name, tuple(l.shape), l.dtype) for l in req.expected_leaves]
-            d = first_difference(served, expected)
+            d = first_difference(view.published_specs, expected)
             if d is not None:
                 raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
                              _mismatch_message(d, snap.version), "mismatch",
@@ -484,9 +606,14 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
                          "the first differing leaf", "mismatch")
         state.result = "cancelled"     # until the last chunk is out
         yield params_pb2.ParamsChunk(header=header)
-        for data in snap.chunks(keys, chunk):
-            yield params_pb2.ParamsChunk(data=data)
-            self._s._metrics.sent_bytes.inc(len(data))
+        # Data messages are serialised once per version and chunk size (the server's own size,
+        # which clients with the same max_message_mb ask for) and handed to gRPC as bytes.
+        sent = self._s._metrics.sent_bytes
+        memo = chunk == self._s._chunk_bytes and view.memoised and \
+            snap.reserve(view, chunk, view.total_bytes)
+        for msg, n in view.messages(chunk, memo=memo):
+            yield msg
+            sent.inc(n)
         state.result = "ok"
 
     def GetParams(self, request, context):
@@ -536,13 +663,18 @@ class ParameterServer:
     `token`: shared secret; GetParams then requires metadata 'authorization: Bearer <token>'.
     `tls_cert`, `tls_key`: PEM bytes of the server certificate (chain) and its key; with them the
     port speaks TLS only.
+    `max_workers`: RPC threads. A GetParams stream holds one for its duration, so this bounds
+    the streams in flight; more concurrent fetches wait for a thread (none fails). Size it to at
+    least the number of actors and evaluators (service.params_max_workers).
     """
 
     def __init__(self, address: str, max_message_mb: int = 4, token: Optional[str] = None,
-                 registry: CollectorRegistry = REGISTRY, max_workers: int = 16,
+                 registry: CollectorRegistry = REGISTRY, max_workers: int = 64,
                  tls_cert: Optional[bytes] = None, tls_key: Optional[bytes] = None):
         if not isinstance(max_message_mb, int) or max_message_mb <= 0:
             raise ValueError(f"max_message_mb = {max_message_mb!r}: must be a positive integer")
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
+            raise ValueError(f"max_workers = {max_workers!r}: must be a positive integer")
         if token is not None:
             check_token(token, "token")
         if bool(tls_cert) != bool(tls_key):
@@ -573,7 +705,18 @@ class ParameterServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers,
                                                         thread_name_prefix="params-rpc"),
                              options=options)
-        params_pb2_grpc.add_ParameterServiceServicer_to_server(_Servicer(self), server)
+        servicer = _Servicer(self)
+        # The generated add_ParameterServiceServicer_to_server, except that GetParams may yield
+        # ready-serialised ParamsChunk bytes (same wire format; see _View.messages).
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "crl.params.ParameterService", {
+                "GetParams": grpc.unary_stream_rpc_method_handler(
+                    servicer.GetParams,
+                    request_deserializer=params_pb2.GetParamsRequest.FromString,
+                    response_serializer=_serialize_chunk),
+                "Health": grpc.unary_unary_rpc_method_handler(
+                    servicer.Health, request_deserializer=params_pb2.HealthRequest.FromString,
+                    response_serializer=params_pb2.HealthReply.SerializeToString)}),))
         host = self._requested_address.rpartition(":")[0]
         try:
             if self._tls is not None:
@@ -622,9 +765,10 @@ class ParameterServer:
 
     def publish(self, params: Any, version: int) -> None:
         """Makes `params` (a pytree of arrays) the served version. `version` must be an int
-        greater than every version published before (ValueError otherwise). Serialises and
-        checksums once (the arrays are copied, so the caller may reuse them); readers are never
-        blocked by the work, only by the pointer swap. Safe to call before `start()`."""
+        greater than every version published before (ValueError otherwise). Serialises once (the
+        arrays are copied, so the caller may reuse them; checksums are computed at the first
+        fetch of each subset); readers are never blocked by the work, only by the pointer swap.
+        Safe to call before `start()`."""
         if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
             raise ValueError(f"params version must be an int, got {version!r}")
         version = int(version)
@@ -637,7 +781,14 @@ class ParameterServer:
                 raise ValueError(f"params version {version} is not newer than the published "
                                  f"version {current}; versions must strictly increase")
             snap = _serialize(params, version)
-            header = snap.header((), self._chunk_bytes)
+            header = params_pb2.ParamsHeader(     # the largest header of this version
+                version=version, leaves=[params_pb2.LeafSpec(name=l.name, shape=l.shape,
+                                                             dtype=max(l.dtype, _BF16, key=len),
+                                                             nbytes=l.nbytes)
+                                         for l in snap.leaves],
+                total_bytes=snap.total_bytes, sha256=bytes(32),
+                num_chunks=math.ceil(snap.total_bytes / self._chunk_bytes),
+                signature_sha256="0" * 64, subset=list(snap.keys), wire_dtype=_BF16)
             if header.ByteSize() > self._chunk_bytes:
                 raise ValueError(f"params header ({header.ByteSize()} bytes for "
                                  f"{len(snap.leaves)} leaves) exceeds max_message_mb = "
@@ -676,13 +827,25 @@ class ParameterClient:
     top-level keys than the requested subset, only the requested keys are compared, so actors may
     pass the full params template and ask for subset="actor". Without a template, results are
     nested dicts of numpy arrays keyed by path.
+
+    `wire_dtype="bfloat16"`: the server sends float32 leaves rounded to bfloat16 (half the
+    bytes) and they come back as bfloat16 arrays; the template is still given (and checked) in
+    the published dtypes. A server that predates the option sends float32, which is returned.
+    `host_cache`: a private directory (e.g. /dev/shm/crl-params) shared by the clients of one
+    host: one of them fetches each version and the others read it from there (_HostCache).
     """
 
     def __init__(self, address: str, timeout_s: float = 10.0, template: Any = None,
                  token: Optional[str] = None, max_message_mb: int = 4,
-                 tls_ca: Optional[bytes] = None, tls_server_name: Optional[str] = None):
+                 tls_ca: Optional[bytes] = None, tls_server_name: Optional[str] = None,
+                 wire_dtype: Optional[str] = None, host_cache: Optional[str] = None):
         if not timeout_s or timeout_s <= 0:
             raise ValueError(f"timeout_s = {timeout_s!r}: must be > 0")
+        if wire_dtype in (None, "", "float32"):
+            wire_dtype = ""
+        elif wire_dtype != _BF16:
+            raise ValueError(f"wire_dtype = {wire_dtype!r}: must be None/'float32' (as "
+                             f"published) or {_BF16!r}")
         if token is not None:
             check_token(token, "token")
         if not isinstance(max_message_mb, int) or max_message_mb <= 0:
@@ -702,6 +865,14 @@ class ParameterClient:
             self._channel = grpc.insecure_channel(address, options=options)
         self.tls = bool(tls_ca)
         self._stub = params_pb2_grpc.ParameterServiceStub(self._channel)
+        # GetParams with the messages left as bytes: data chunks are read in place (_chunk_data)
+        # instead of being parsed and copied twice by protobuf.
+        self._get_params = self._channel.unary_stream(
+            _METHOD + "GetParams",
+            request_serializer=params_pb2.GetParamsRequest.SerializeToString,
+            response_deserializer=None)
+        self.wire_dtype = wire_dtype
+        self._cache = _HostCache(host_cache) if host_cache else None
         self._metadata = ((_AUTH_KEY, f"Bearer {token}"),) if token else ()
         self._template = template
         self._expected: Dict[Tuple[str, ...], Tuple[List[Spec], str, Any]] = {}
@@ -756,7 +927,8 @@ class ParameterClient:
         expected = self._expected_for(keys)
         req = params_pb2.GetParamsRequest(min_version=int(min_version), subset=list(keys),
                                           max_chunk_bytes=self._chunk_bytes,
-                                          protocol_version=PROTOCOL_VERSION)
+                                          protocol_version=PROTOCOL_VERSION,
+                                          wire_dtype=self.wire_dtype)
         if expected is not None:
             req.expected_signature_sha256 = expected[1]
         try:
@@ -781,9 +953,18 @@ class ParameterClient:
             raise ParamsMismatchError(e.details()) from None
 
     def _fetch(self, req, expected, timeout: float) -> Optional[Tuple[int, Any]]:
-        call = self._stub.GetParams(req, timeout=timeout, metadata=self._metadata)
+        if self._cache is not None:
+            return self._fetch_via_cache(req, expected, timeout)
+        got = self._fetch_verified(req, expected, timeout)
+        return None if got is None else self._tree(*got, expected)
+
+    def _fetch_verified(self, req, expected, timeout: float):
+        """(header, layout, payload buffer) of the next version, size- and sha256-checked; None
+        if not modified."""
+        call = self._get_params(req, timeout=timeout, metadata=self._metadata)
         try:
-            first = next(call, None)
+            raw = next(call, None)
+            first = None if raw is None else _parse_chunk(raw)
             if first is None or first.WhichOneof("kind") != "header":
                 raise ParamsIntegrityError("params stream did not start with a header")
             h = first.header
@@ -791,37 +972,27 @@ class ParameterClient:
                 if next(call, None) is not None:
                     raise ParamsIntegrityError("'not modified' header followed by data")
                 return None
-            specs = [(l.name, tuple(int(d) for d in l.shape), l.dtype) for l in h.leaves]
-            if expected is not None:
-                d = first_difference(specs, expected[0])
-                if d is not None:
-                    raise _mismatch_error(d, _mismatch_message(d, h.version))
-            dtypes = [_np_dtype(l.dtype) for l in h.leaves]
-            offsets, off = [], 0
-            for l, (name, shape, _), dt in zip(h.leaves, specs, dtypes):
-                want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-                if l.nbytes != want:
-                    raise ParamsIntegrityError(f"leaf {name!r}: header says {l.nbytes} bytes, "
-                                               f"shape {shape} {dt.name} needs {want}")
-                offsets.append(off)
-                off += want
+            layout = _layout(h, expected, req.wire_dtype)
             total = h.total_bytes
-            if off != total:
-                raise ParamsIntegrityError(f"header total_bytes {total} != sum of leaves {off}")
+            # One copy per byte, into the buffer the arrays view; each block is hashed right
+            # after it is copied, while it is in cache (the sha256 covers the whole stream, so
+            # a corrupt, missing, extra or reordered chunk fails the check below).
             buf = np.empty(total, np.uint8)        # no zero-fill; every byte is written below
             view = memoryview(buf)
             hasher = hashlib.sha256()
             pos = 0
-            for msg in call:
-                if msg.WhichOneof("kind") != "data":
-                    raise ParamsIntegrityError("unexpected second header in params stream")
-                data = msg.data
-                n = len(data)
+            for raw in call:
+                data = _chunk_data(raw)
+                n = data.nbytes
                 if pos + n > total:
                     raise ParamsIntegrityError(f"params stream longer than {total} bytes")
-                view[pos:pos + n] = data
-                hasher.update(data)
+                for s in range(0, n, _HASH_BLOCK):
+                    e = min(n, s + _HASH_BLOCK)
+                    dst = view[pos + s:pos + e]
+                    dst[:] = data[s:e]
+                    hasher.update(dst)
                 pos += n
+                del data, raw
             if pos != total:
                 raise ParamsIntegrityError(f"params stream ended at {pos} of {total} bytes")
             if hasher.digest() != h.sha256:
@@ -829,6 +1000,58 @@ class ParameterClient:
         except BaseException:
             call.cancel()
             raise
+        return h, layout, buf
+
+    def _fetch_via_cache(self, req, expected, timeout: float) -> Optional[Tuple[int, Any]]:
+        """One network fetch per host and version: whoever takes the cache's lock fetches (and
+        verifies) it and stores it; the others wait for the file and read it."""
+        deadline = time.monotonic() + timeout
+        server_version = self.health(timeout_s=timeout)["version"]
+        if server_version <= req.min_version:
+            return None
+        cache = self._cache
+        key = cache.key(self.address, tuple(req.subset), req.wire_dtype,
+                        req.expected_signature_sha256)
+        wait_until = time.monotonic() + timeout / 2
+        while True:
+            got = self._from_cache(key, server_version, expected, req.wire_dtype)
+            if got is not None:
+                return got
+            lock = cache.try_lock(key)
+            if lock is not None:
+                try:
+                    got = self._from_cache(key, server_version, expected, req.wire_dtype)
+                    if got is not None:
+                        return got
+                    fetched = self._fetch_verified(req, expected,
+                                                   max(0.05, deadline - time.monotonic()))
+                    if fetched is None:
+                        return None
+                    cache.store(key, fetched[0], fetched[2])
+                    return self._tree(*fetched, expected)
+                finally:
+                    cache.unlock(lock)
+            if time.monotonic() > wait_until:
+                # The fetching process is slow or stuck: fetch for ourselves.
+                got = self._fetch_verified(req, expected, max(0.05, deadline - time.monotonic()))
+                return None if got is None else self._tree(*got, expected)
+            time.sleep(0.01)
+
+    def _from_cache(self, key: str, min_version: int, expected, wire_dtype: str):
+        """The cached params if they are of version >= min_version and pass the same header
+        checks as a stream; else None."""
+        hit = self._cache.load(key, min_version)
+        if hit is None:
+            return None
+        h, buf = hit
+        try:
+            layout = _layout(h, expected, wire_dtype)
+        except (ParamsIntegrityError, ParamsMismatchError):
+            return None       # a stale or foreign entry: fetch over the network instead
+        return self._tree(h, layout, buf, expected)
+
+    def _tree(self, h, layout, buf: np.ndarray, expected) -> Tuple[int, Any]:
+        specs, dtypes, offsets = layout
         arrays = []
         for (name, shape, _), dt, o in zip(specs, dtypes, offsets):
             count = int(np.prod(shape, dtype=np.int64))
@@ -877,6 +1100,179 @@ class ParameterClient:
         why = f"; last error: {last.code().name}: {last.details()}" if last is not None else ""
         raise TimeoutError(f"no params newer than version {min_version} from {self.address} "
                            f"within {deadline_s:g} s{why}")
+
+
+def _layout(h: params_pb2.ParamsHeader, expected, wire_dtype: str):
+    """(specs, numpy dtypes, payload offsets) of a params header, after checking it against the
+    template (ParamsMismatchError) and for consistency (ParamsIntegrityError)."""
+    if h.wire_dtype not in ("", wire_dtype):
+        raise ParamsIntegrityError(f"params header has wire_dtype {h.wire_dtype!r}; requested "
+                                   f"{wire_dtype!r}")
+    specs = [(l.name, tuple(int(d) for d in l.shape), l.dtype) for l in h.leaves]
+    if expected is not None:
+        want = expected[0]
+        if h.wire_dtype == _BF16:     # float32 leaves arrive as bfloat16
+            want = [(n, s, _BF16 if d == "float32" else d) for n, s, d in want]
+        d = first_difference(specs, want)
+        if d is not None:
+            raise _mismatch_error(d, _mismatch_message(d, h.version))
+    dtypes = [_np_dtype(l.dtype) for l in h.leaves]
+    offsets, off = [], 0
+    for l, (name, shape, _), dt in zip(h.leaves, specs, dtypes):
+        want_bytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if l.nbytes != want_bytes:
+            raise ParamsIntegrityError(f"leaf {name!r}: header says {l.nbytes} bytes, "
+                                       f"shape {shape} {dt.name} needs {want_bytes}")
+        offsets.append(off)
+        off += want_bytes
+    if off != h.total_bytes:
+        raise ParamsIntegrityError(f"header total_bytes {h.total_bytes} != sum of leaves {off}")
+    return specs, dtypes, offsets
+
+
+class _HostCache:
+    """Params shared by the processes of one host (actors on one machine): one network fetch
+    per version, subset and wire dtype, instead of one per process.
+
+    The process that takes an entry's lock (flock, released by the kernel if it dies) fetches
+    the version over gRPC, checks its size and sha256 as usual, writes the header and payload to
+    a temporary file in `directory` and renames it over the entry, so readers see a whole file or
+    the previous one. The others read the file (one copy) instead of streaming and hashing it:
+    the sha256 is verified once per host, at the network boundary, and the directory must be
+    private (owned by this user, no group/other write), as the processes' own memory is.
+    Readers still check the header against their template and the file's size, and map the
+    file copy-on-write (their arrays are writable and private, and cost no copy: the 16 actors
+    of a host share one copy of the params in memory).
+    """
+
+    MAGIC = b"CRLPARAMS\x01\n\x00"         # 12 bytes; then u32 header length, then the header
+    ALIGN = 64
+
+    def __init__(self, directory: str):
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        st = os.stat(directory)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise ValueError(f"params host cache {directory!r}: must be a directory owned by "
+                             "this user and not writable by group or others")
+        self.directory = directory
+        self.stores_failed = 0
+
+    def key(self, address: str, subset: Tuple[str, ...], wire_dtype: str, signature: str) -> str:
+        ident = json.dumps([PROTOCOL_VERSION, address, list(subset), wire_dtype, signature])
+        return hashlib.sha256(ident.encode()).hexdigest()[:40]
+
+    def _path(self, key: str, suffix: str) -> str:
+        return os.path.join(self.directory, f"{key}.{suffix}")
+
+    def try_lock(self, key: str) -> Optional[int]:
+        import fcntl
+        fd = os.open(self._path(key, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        os.close(fd)                       # closing releases the flock
+
+    def load(self, key: str, min_version: int):
+        """(header, payload) of the entry if its version >= min_version and the file is whole;
+        else None."""
+        import mmap
+        import struct
+        try:
+            f = open(self._path(key, "params"), "rb")
+        except FileNotFoundError:
+            return None
+        with f:
+            try:
+                pre = f.read(len(self.MAGIC) + 4)
+                if len(pre) != len(self.MAGIC) + 4 or not pre.startswith(self.MAGIC):
+                    return None
+                (n,) = struct.unpack("<I", pre[len(self.MAGIC):])
+                h = params_pb2.ParamsHeader.FromString(f.read(n))
+                if h.not_modified or h.version < min_version:
+                    return None
+                start = self._payload_offset(n)
+                size = os.fstat(f.fileno()).st_size
+                if size != start + h.total_bytes:
+                    return None
+                # Copy-on-write: no copy and no new memory until the caller writes to an array;
+                # writes stay private to this process. The entry is never changed in place
+                # (a new version is a new file renamed over it), so the mapping stays valid.
+                m = mmap.mmap(f.fileno(), size, flags=mmap.MAP_PRIVATE,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            except (OSError, ValueError, DecodeError, struct.error):
+                return None
+        return h, np.frombuffer(m, np.uint8, count=h.total_bytes, offset=start)
+
+    def _payload_offset(self, header_len: int) -> int:
+        n = len(self.MAGIC) + 4 + header_len
+        return -(-n // self.ALIGN) * self.ALIGN
+
+    def store(self, key: str, header: params_pb2.ParamsHeader, buf: np.ndarray) -> bool:
+        """Writes the entry (caller holds the lock). A failure (e.g. a full /dev/shm) is logged
+        and leaves the previous entry; readers then fetch over the network."""
+        import glob
+        import logging
+        import struct
+        final = self._path(key, "params")
+        for stale in glob.glob(glob.escape(final) + ".tmp.*"):   # from writers that died
+            try:
+                os.unlink(stale)
+            except OSError:
+                pass
+        tmp = f"{final}.tmp.{os.getpid()}"
+        raw = header.SerializeToString()
+        try:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+                f.write(self.MAGIC + struct.pack("<I", len(raw)) + raw)
+                f.write(b"\x00" * (self._payload_offset(len(raw)) - f.tell()))
+                f.write(memoryview(buf))
+            os.replace(tmp, final)
+            return True
+        except OSError as e:
+            self.stores_failed += 1
+            logging.getLogger(__name__).warning(
+                "params host cache %s: cannot store version %d (%s); fetching over the network",
+                self.directory, header.version, e.strerror or e)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            return False
+
+
+def _parse_chunk(raw: bytes) -> params_pb2.ParamsChunk:
+    try:
+        return params_pb2.ParamsChunk.FromString(raw)
+    except DecodeError as e:
+        raise ParamsIntegrityError(f"malformed message in params stream: {e}") from None
+
+
+def _chunk_data(raw: bytes) -> memoryview:
+    """The payload bytes of a serialised ParamsChunk that holds data, without copying them.
+
+    The fast path reads the one encoding the server writes (tag, varint length, bytes, nothing
+    else); anything else goes through the protobuf parser, so every valid encoding is read
+    alike. A header here is a protocol error."""
+    if raw[:1] == _DATA_TAG:
+        n = shift = 0
+        for p in range(1, min(len(raw), 11)):
+            b = raw[p]
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                if p + 1 + n == len(raw):
+                    return memoryview(raw)[p + 1:]
+                break
+    msg = _parse_chunk(raw)
+    if msg.WhichOneof("kind") != "data":
+        raise ParamsIntegrityError("unexpected second header in params stream")
+    return memoryview(msg.data)
 
 
 def _mismatch_detail(err: grpc.RpcError) -> Optional[Dict[str, Any]]:
@@ -1003,7 +1399,9 @@ def client_from_config(cfg, template: Any = None, security: Optional[Security] =
     return ParameterClient(cfg.service.params_address,
                            timeout_s=timeout_s or cfg.service.rpc_timeout_s, template=template,
                            token=sec.token, max_message_mb=cfg.service.max_message_mb,
-                           tls_ca=sec.tls_ca, tls_server_name=sec.tls_server_name)
+                           tls_ca=sec.tls_ca, tls_server_name=sec.tls_server_name,
+                           wire_dtype=cfg.service.params_wire_dtype,
+                           host_cache=cfg.service.params_host_cache or None)
 
 
 def server_from_config(cfg, bind: str, security: Optional[Security] = None,
@@ -1011,4 +1409,5 @@ def server_from_config(cfg, bind: str, security: Optional[Security] = None,
     """A (not started) ParameterServer on `bind` with the config's TLS and token."""
     sec = security if security is not None else security_from_config(cfg.service, server=True)
     return ParameterServer(bind, max_message_mb=cfg.service.max_message_mb, token=sec.token,
-                           registry=registry, tls_cert=sec.tls_cert, tls_key=sec.tls_key)
+                           registry=registry, tls_cert=sec.tls_cert, tls_key=sec.tls_key,
+                           max_workers=cfg.service.params_max_workers)

@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/params.proto\x12\ncrl.params\"F\n\x08LeafSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xbe\x01\n\x0cParamsHeader\x12\x14\n\x0cnot_modified\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06leaves\x18\x03 \x03(\x0b\x32\x14.crl.params.LeafSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x12\n\nnum_chunks\x18\x06 \x01(\r\x12\x18\n\x10signature_sha256\x18\x07 \x01(\t\x12\x0e\n\x06subset\x18\x08 \x03(\t\"Q\n\x0bParamsChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.crl.params.ParamsHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xbc\x01\n\x10GetParamsRequest\x12\x13\n\x0bmin_version\x18\x01 \x01(\x03\x12\x0e\n\x06subset\x18\x02 \x03(\t\x12!\n\x19\x65xpected_signature_sha256\x18\x03 \x01(\t\x12-\n\x0f\x65xpected_leaves\x18\x04 \x03(\x0b\x32\x14.crl.params.LeafSpec\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\"\x0f\n\rHealthRequest\"\xbd\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_leaves\x18\x05 \x01(\r\x12\x0c\n\x04keys\x18\x06 \x03(\t\x12\x18\n\x10published_unix_s\x18\x07 \x01(\x01\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\x18\n\x10protocol_version\x18\t \x01(\r2\x96\x01\n\x10ParameterService\x12\x44\n\tGetParams\x12\x1c.crl.params.GetParamsRequest\x1a\x17.crl.params.ParamsChunk0\x01\x12<\n\x06Health\x12\x19.crl.params.HealthRequest\x1a\x17.crl.params.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/params.proto\x12\ncrl.params\"F\n\x08LeafSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\xd2\x01\n\x0cParamsHeader\x12\x14\n\x0cnot_modified\x18\x01 \x01(\x08\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06leaves\x18\x03 \x03(\x0b\x32\x14.crl.params.LeafSpec\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\x12\x12\n\nnum_chunks\x18\x06 \x01(\r\x12\x18\n\x10signature_sha256\x18\x07 \x01(\t\x12\x0e\n\x06subset\x18\x08 \x03(\t\x12\x12\n\nwire_dtype\x18\t \x01(\t\"Q\n\x0bParamsChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.crl.params.ParamsHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"\xd0\x01\n\x10GetParamsRequest\x12\x13\n\x0bmin_version\x18\x01 \x01(\x03\x12\x0e\n\x06subset\x18\x02 \x03(\t\x12!\n\x19\x65xpected_signature_sha256\x18\x03 \x01(\t\x12-\n\x0f\x65xpected_leaves\x18\x04 \x03(\x0b\x32\x14.crl.params.LeafSpec\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x18\n\x10protocol_version\x18\x06 \x01(\r\x12\x12\n\nwire_dtype\x18\x07 \x01(\t\"\x0f\n\rHealthRequest\"\xbd\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x15\n\rpayload_bytes\x18\x04 \x01(\x04\x12\x12\n\nnum_leaves\x18\x05 \x01(\r\x12\x0c\n\x04keys\x18\x06 \x03(\t\x12\x18\n\x10published_unix_s\x18\x07 \x01(\x01\x12\x10\n\x08uptime_s\x18\x08 \x01(\x01\x12\x18\n\x10protocol_version\x18\t \x01(\r2\x96\x01\n\x10ParameterService\x12\x44\n\tGetParams\x12\x1c.crl.params.GetParamsRequest\x1a\x17.crl.params.ParamsChunk0\x01\x12<\n\x06Health\x12\x19.crl.params.HealthRequest\x1a\x17.crl.params.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -24,15 +24,15 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_LEAFSPEC']._serialized_start=35
   _globals['_LEAFSPEC']._serialized_end=105
   _globals['_PARAMSHEADER']._serialized_start=108
-  _globals['_PARAMSHEADER']._serialized_end=298
-  _globals['_PARAMSCHUNK']._serialized_start=300
-  _globals['_PARAMSCHUNK']._serialized_end=381
-  _globals['_GETPARAMSREQUEST']._serialized_start=384
-  _globals['_GETPARAMSREQUEST']._serialized_end=572
-  _globals['_HEALTHREQUEST']._serialized_start=574
-  _globals['_HEALTHREQUEST']._serialized_end=589
-  _globals['_HEALTHREPLY']._serialized_start=592
-  _globals['_HEALTHREPLY']._serialized_end=781
-  _globals['_PARAMETERSERVICE']._serialized_start=784
-  _globals['_PARAMETERSERVICE']._serialized_end=934
+  _globals['_PARAMSHEADER']._serialized_end=318
+  _globals['_PARAMSCHUNK']._serialized_start=320
+  _globals['_PARAMSCHUNK']._serialized_end=401
+  _globals['_GETPARAMSREQUEST']._serialized_start=404
+  _globals['_GETPARAMSREQUEST']._serialized_end=612
+  _globals['_HEALTHREQUEST']._serialized_start=614
+  _globals['_HEALTHREQUEST']._serialized_end=629
+  _globals['_HEALTHREPLY']._serialized_start=632
+  _globals['_HEALTHREPLY']._serialized_end=821
+  _globals['_PARAMETERSERVICE']._serialized_start=824
+  _globals['_PARAMETERSERVICE']._serialized_end=974
 # @@protoc_insertion_point(module_scope)

@@ -383,3 +383,216 @@ def test_wrong_protocol_version_and_min_version_are_refused_with_a_message(serve
     finally:
         channel.close()
     assert client.get(subset="actor")[0] == 2                 # still serving
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path: pre-serialised data messages, in-place reads, incremental sha256, bf16 wire, host
+# cache, server threads.
+
+def _big_params(n: int = 700_000):
+    """About 2.8 MB of actor params: 3 chunks at max_message_mb=1."""
+    rng = np.random.default_rng(1)
+    return {"actor": {"w": rng.standard_normal((n,), dtype=np.float32),
+                      "steps": np.arange(5, dtype=np.int32),
+                      "b": rng.standard_normal((3, 7)).astype(np.float32)},
+            "critic": {"w": np.ones((4, 4), np.float32)}}
+
+
+def test_data_messages_are_byte_for_byte_what_protobuf_writes(server):
+    from crl.params_service import _chunk_data, _encode_data
+    for n in (0, 1, 127, 128, 300, 16384, 2_000_000):
+        data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        raw = _encode_data(memoryview(data))
+        assert raw == params_pb2.ParamsChunk(data=data).SerializeToString()
+        assert bytes(_chunk_data(raw)) == data
+    # A stock protobuf stub reads the pre-serialised stream.
+    params = _big_params()
+    server.publish(params, 1)
+    channel = grpc.insecure_channel(server.address)
+    try:
+        msgs = list(params_pb2_grpc.ParameterServiceStub(channel).GetParams(
+            params_pb2.GetParamsRequest(subset=["actor"]), timeout=TIMEOUT_S))
+    finally:
+        channel.close()
+    h = msgs[0].header
+    assert h.num_chunks == len(msgs) - 1 == 3 and h.wire_dtype == ""
+    payload = b"".join(m.data for m in msgs[1:])
+    assert len(payload) == h.total_bytes
+    import hashlib
+    assert hashlib.sha256(payload).digest() == h.sha256
+
+
+def test_chunk_data_reads_any_valid_encoding_and_refuses_others():
+    from crl.params_service import ParamsIntegrityError, _chunk_data
+    # Not the server's layout but valid protobuf: an unknown field after the data, or the data
+    # field twice (the last wins).
+    unknown = params_pb2.ParamsChunk(data=b"abc").SerializeToString() + b"\x78\x01"
+    assert bytes(_chunk_data(unknown)) == b"abc"
+    twice = (params_pb2.ParamsChunk(data=b"x").SerializeToString()
+             + params_pb2.ParamsChunk(data=b"yz").SerializeToString())
+    assert bytes(_chunk_data(twice)) == b"yz"
+    header = params_pb2.ParamsChunk(header=params_pb2.ParamsHeader(version=1))
+    with pytest.raises(ParamsIntegrityError, match="second header"):
+        _chunk_data(header.SerializeToString())
+    for bad in (b"\x12\x05ab", b"\x12\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", b"\xff"):
+        with pytest.raises(ParamsIntegrityError):
+            _chunk_data(bad)
+
+
+@pytest.mark.parametrize("damage", ["flip", "drop", "swap"])
+def test_damaged_chunk_is_refused_by_the_incremental_hash(server, monkeypatch, damage):
+    import crl.params_service as ps
+    from crl.params_service import ParamsIntegrityError
+    real = ps._View.messages
+
+    def damaged(self, chunk_bytes, memo):
+        msgs = list(real(self, chunk_bytes, memo=False))
+        if damage == "flip":
+            raw = bytearray(msgs[1][0])
+            raw[len(raw) // 2] ^= 0x01
+            msgs[1] = (bytes(raw), msgs[1][1])
+        elif damage == "drop":
+            del msgs[1]
+        else:
+            msgs[0], msgs[1] = msgs[1], msgs[0]
+        return iter(msgs)
+
+    monkeypatch.setattr(ps._View, "messages", damaged)
+    server.publish(_big_params(), 1)
+    with ParameterClient(server.address, TIMEOUT_S, max_message_mb=1) as c:
+        with pytest.raises(ParamsIntegrityError, match="sha256 mismatch|ended at"):
+            c.get(subset="actor")
+    monkeypatch.setattr(ps._View, "messages", real)
+    with ParameterClient(server.address, TIMEOUT_S, max_message_mb=1) as c:
+        assert c.get(subset="actor")[0] == 1
+
+
+def test_bf16_wire_round_trip_within_bf16_precision(server, registry):
+    import ml_dtypes
+    params = _big_params()
+    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    server.publish(params, 1)
+    sent = lambda: registry.get_sample_value("crl_params_sent_bytes_total") or 0  # noqa: E731
+    with ParameterClient(server.address, TIMEOUT_S, template=template, max_message_mb=1,
+                         wire_dtype="bfloat16") as c:
+        before = sent()
+        version, got = c.get(subset="actor")
+        wire_bytes = sent() - before
+    assert version == 1 and set(got) == {"actor"}
+    a, p = got["actor"], params["actor"]
+    assert a["w"].dtype == ml_dtypes.bfloat16 and a["b"].dtype == ml_dtypes.bfloat16
+    assert a["steps"].dtype == np.int32 and np.array_equal(a["steps"], p["steps"])
+    for k in ("w", "b"):
+        assert a[k].shape == p[k].shape
+        # Exactly numpy's round-to-nearest-even, so within half a bf16 ulp (2^-9 relative).
+        assert np.array_equal(a[k].view(np.uint16),
+                              p[k].astype(ml_dtypes.bfloat16).view(np.uint16))
+        np.testing.assert_allclose(a[k].astype(np.float32), p[k], rtol=2.0 ** -8, atol=0)
+    assert wire_bytes == (p["w"].nbytes + p["b"].nbytes) // 2 + p["steps"].nbytes
+    # The template is still checked in the published dtypes: a wrong shape names the leaf, and a
+    # template that already says bfloat16 does not match float32 params.
+    wrong = dict(template, actor=dict(template["actor"],
+                                      b=jax.ShapeDtypeStruct((3, 8), np.float32)))
+    bf16_template = dict(template, actor=dict(template["actor"],
+                                              b=jax.ShapeDtypeStruct((3, 7), ml_dtypes.bfloat16)))
+    for t, leaf in ((wrong, "actor/b"), (bf16_template, "actor/b")):
+        with ParameterClient(server.address, TIMEOUT_S, template=t, max_message_mb=1,
+                             wire_dtype="bfloat16") as c:
+            with pytest.raises(ParamsMismatchError) as e:
+                c.get(subset="actor")
+            assert e.value.leaf == leaf
+    # float32 clients of the same version still get it bit-exact.
+    with ParameterClient(server.address, TIMEOUT_S, template=template, max_message_mb=1) as c:
+        _, exact = c.get(subset="actor")
+    _assert_tree_equal(exact["actor"], params["actor"])
+    with pytest.raises(ValueError, match="wire_dtype"):
+        ParameterClient(server.address, TIMEOUT_S, wire_dtype="float16")
+    channel = grpc.insecure_channel(server.address)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            list(params_pb2_grpc.ParameterServiceStub(channel).GetParams(
+                params_pb2.GetParamsRequest(wire_dtype="fp8"), timeout=TIMEOUT_S))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "wire_dtype" in e.value.details()
+    finally:
+        channel.close()
+
+
+def test_host_cache_fetches_once_per_host_and_version(server, registry, tmp_path):
+    cache = str(tmp_path / "cache")
+    params = _big_params()
+    template = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    sent = lambda: registry.get_sample_value("crl_params_sent_bytes_total") or 0  # noqa: E731
+    actor_bytes = sum(a.nbytes for a in params["actor"].values())
+    clients = [ParameterClient(server.address, TIMEOUT_S, template=template, max_message_mb=1,
+                               host_cache=cache) for _ in range(4)]
+    try:
+        assert all(c.get(subset="actor") is None for c in clients)    # nothing published
+        server.publish(params, 1)
+        results = [None] * len(clients)
+
+        def fetch(i):
+            results[i] = clients[i].get(subset="actor")
+
+        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(len(clients))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert sent() == actor_bytes                          # one stream for four clients
+        for version, got in results:
+            assert version == 1
+            _assert_tree_equal(got["actor"], params["actor"])
+        results[0][1]["actor"]["w"][:3] = 7.0                  # writable, and private:
+        for _, got in results[1:] + [clients[0].get(subset="actor")]:
+            assert np.array_equal(got["actor"]["w"][:3], params["actor"]["w"][:3])
+        assert sent() == actor_bytes
+        assert all(c.get(min_version=1, subset="actor") is None for c in clients)
+        params["actor"]["b"] = params["actor"]["b"] + 1
+        server.publish(params, 2)
+        for c in clients:
+            version, got = c.get(min_version=1, subset="actor")
+            assert version == 2 and np.array_equal(got["actor"]["b"], params["actor"]["b"])
+            assert got["actor"]["w"][0] == params["actor"]["w"][0]
+        assert sent() == 2 * actor_bytes
+        # A damaged entry (here: cut short) is never served: the next fetch goes to the server.
+        (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.suffix == ".params"]
+        entry.write_bytes(entry.read_bytes()[:-10])
+        version, got = clients[0].get(min_version=1, subset="actor")
+        assert version == 2 and np.array_equal(got["actor"]["w"], params["actor"]["w"])
+        assert sent() == 3 * actor_bytes
+        # Other subsets and wire dtypes are separate entries.
+        _, got = clients[1].get(subset="all")
+        assert set(got) == {"actor", "critic"}
+    finally:
+        for c in clients:
+            c.close()
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match="not writable by group or others"):
+        ParameterClient(server.address, TIMEOUT_S, host_cache=str(shared))
+
+
+def test_server_threads_and_service_config_fields(registry):
+    import dataclasses
+    from crl import config as C
+    from crl.params_service import client_from_config, server_from_config
+    with pytest.raises(ValueError, match="max_workers"):
+        ParameterServer("127.0.0.1:0", max_workers=0, registry=registry)
+    cfg = C.Config()
+    for kw, field_name in ((dict(params_max_workers=0), "params_max_workers"),
+                           (dict(params_host_cache="rel/dir"), "params_host_cache"),
+                           (dict(params_wire_dtype="float16"), "params_wire_dtype")):
+        with pytest.raises((C.ConfigError, ValueError), match=field_name):
+            if field_name == "params_wire_dtype":
+                C.override(cfg, {"service.params_wire_dtype": "float16"})
+            else:
+                C.validate(dataclasses.replace(cfg, service=dataclasses.replace(cfg.service, **kw)))
+    cfg = C.override(cfg, {"service.params_max_workers": 3,
+                           "service.params_wire_dtype": "bfloat16"})
+    server = server_from_config(cfg, "127.0.0.1:0", registry=registry)
+    assert server._max_workers == 3
+    client = client_from_config(cfg)
+    assert client.wire_dtype == "bfloat16" and client._cache is None
+    client.close()
