@@ -3,10 +3,17 @@
 Thin shell around crl.rollout.Unroller (the same unroll the in-process driver uses):
   - waits for the first params, then refreshes them in a background thread (never stalls the
     environment loop on the learner);
+  - overlaps the replay write with the envs: JAX dispatches the jitted unroll asynchronously, so
+    each iteration dispatches unroll k+1 (with the newest params) and then, while XLA steps the
+    envs, writes the segments of unroll k. One unroll is in flight while another is written; every
+    unroll is written once, in order, stamped with the params version that generated it;
   - writes each unroll's segments (one per env) with bounded flushes; while the rate limiter holds
-    inserts (the learner is behind) it waits, which is what keeps the update-to-data ratio;
+    inserts (the learner is behind) it waits, which is what keeps the update-to-data ratio (the
+    unroll in flight finishes meanwhile; the next one is dispatched only after the write);
   - survives replay and learner restarts: reconnects with backoff, keeps its last params;
-  - on SIGTERM finishes the current unroll and its write (a bounded final flush), then exits 0.
+  - on SIGTERM dispatches nothing more, writes the unrolls already dispatched (the one being
+    written and the one in flight: nothing stepped is lost), then exits 0. After a stop request
+    those writes share FINAL_FLUSH_S; what replay has not confirmed by then is dropped (counted).
 Every flush is bounded by min(actor.write_timeout_s, FLUSH_SLICE_S) so a stop is noticed soon; a
 flush that timed out is retried as a flush (the items stay queued in the writer), never by
 writing the segments again, which would duplicate them.
@@ -16,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -36,10 +43,22 @@ SEGMENTS = prom.Counter("crl_actor_segments_written_total", "Segments confirmed 
 VERSION = prom.Gauge("crl_actor_params_version", "Version of the params this actor steps with")
 LEARNER_VERSION = prom.Gauge("crl_actor_learner_params_version", "Newest version the learner has")
 LAG = prom.Gauge("crl_actor_policy_lag", "Learner params version minus the version in use")
-WRITE_SECONDS = prom.Histogram("crl_actor_write_seconds", "Time to write and flush one unroll",
+# Each iteration of the loop in run() dispatches unroll k+1, waits for unroll k (which stepped
+# while unroll k-1 was written), then writes unroll k. One observation of each per unroll, so the
+# loop period ~= unroll + write (+ a few ms of dispatch and numpy conversion):
+#   unroll: seconds the loop waited for unroll k to finish, i.e. the part of the jitted unroll the
+#           previous write did not hide. > 0: the envs never waited for replay (unroll k+1 was
+#           queued behind unroll k; the actor runs at the unroll's pace); ~0: write-bound.
+#   write : seconds from appending unroll k's segments until replay confirmed them, including
+#           rate-limiter waits and reconnects (unroll k+1 steps meanwhile).
+WRITE_SECONDS = prom.Histogram("crl_actor_write_seconds",
+                               "Seconds to write one unroll's segments until replay confirmed them "
+                               "(overlaps the next unroll; includes rate-limiter waits)",
                                buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
-UNROLL_SECONDS = prom.Histogram("crl_actor_unroll_seconds", "Time of one jitted unroll",
-                                buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+UNROLL_SECONDS = prom.Histogram("crl_actor_unroll_seconds",
+                                "Seconds the loop waited for an unroll to finish after writing the "
+                                "previous one (the part of the unroll not hidden by the write)",
+                                buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
 RECONNECTS = prom.Counter("crl_actor_reconnects_total", "Reconnects to replay or learner", ["to"])
 RATE_LIMITED = prom.Counter("crl_actor_rate_limited_total", "Flushes held by the rate limiter")
 TIME_AT_GOAL = prom.Gauge("crl_actor_time_at_goal", "Mean steps at goal per finished episode")
@@ -116,10 +135,113 @@ def _replay_answers(address: str) -> bool:
         return False
 
 
-def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, log=None) -> int:
-    from replay import ReplayTimeout, ReplayUnavailable
-    from replay.writer import SegmentWriter
+class ReplayOutput:
+    """The actor's link to replay: one SegmentWriter, rebuilt when replay restarts.
 
+    write(segments) returns True once replay confirmed every segment, waiting (in bounded slices,
+    logged) while replay is down or its rate limiter holds inserts. After a stop request all
+    remaining writes share one deadline, FINAL_FLUSH_S; a write not confirmed by then returns
+    False (the caller counts the segments as dropped).
+    """
+
+    def __init__(self, cfg: Config, state_dim: int, action_dim: int, stop: threading.Event, log):
+        self.cfg, self.state_dim, self.action_dim = cfg, state_dim, action_dim
+        self.stop, self.log = stop, log
+        self.address = cfg.service.replay_address
+        self.writer = None
+        self.backoff = M.Backoff()
+        self.last_held_log = 0.0
+        self.stop_deadline: Optional[float] = None
+
+    def _new_writer(self):
+        from replay.writer import SegmentWriter
+        return SegmentWriter(self.address, self.cfg,
+                             min(self.cfg.actor.write_timeout_s, FLUSH_SLICE_S),
+                             state_dim=self.state_dim, action_dim=self.action_dim)
+
+    def _drop_writer(self):
+        """Closes the writer; its unconfirmed items are written again by a fresh one."""
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:
+                pass
+        self.writer = None
+
+    def write(self, segments) -> bool:
+        from replay import ReplayTimeout, ReplayUnavailable
+        queued = False   # appended to the writer, waiting for confirmation: retry as a flush
+        held_since = None
+        last_probe, replay_was_down = 0.0, False
+        while True:
+            if self.stop.is_set():
+                self.stop_deadline = self.stop_deadline or time.monotonic() + FINAL_FLUSH_S
+                if time.monotonic() > self.stop_deadline:
+                    return False
+            try:
+                if self.writer is None:
+                    self.writer = self._new_writer()
+                if queued:
+                    self.writer.flush()
+                else:
+                    self.writer.write(segments)
+                self.backoff.reset()
+                return True
+            except ReplayTimeout:
+                # Appended and not yet confirmed if the writer got past its server check.
+                queued = self.writer.unconfirmed > 0
+                RATE_LIMITED.inc()
+                now = time.monotonic()
+                held_since = held_since or now
+                if now - held_since >= 10.0 and now - self.last_held_log > 30.0:
+                    self.log.info("replay has held inserts for %.0fs (learner behind or "
+                                  "restarting, or replay busy); still waiting", now - held_since)
+                    self.last_held_log = now
+                # Held by the rate limiter, or is replay gone? Reverb's writer would reconnect by
+                # itself, but only after its own reconnect backoff (~10 s measured): once replay
+                # was seen down and answers again, a fresh writer re-sends the queued segments.
+                if now - held_since >= PROBE_AFTER_S and now - last_probe >= FLUSH_SLICE_S:
+                    last_probe = now
+                    up = _replay_answers(self.address)
+                    if not up and not replay_was_down:
+                        self.log.warning("replay at %s does not answer; waiting for it",
+                                         self.address)
+                    elif up and replay_was_down:
+                        self.log.info("replay answers again; reconnecting the writer (queued "
+                                      "segments are written again)")
+                        RECONNECTS.labels(to="replay").inc()
+                        self._drop_writer()
+                        queued = False
+                    replay_was_down = not up
+            except (ReplayUnavailable, ConnectionError, OSError) as e:
+                RECONNECTS.labels(to="replay").inc()
+                delay = self.backoff.next()
+                self.log.warning("replay unavailable (%s); reconnecting in %.1fs", e, delay)
+                self._drop_writer()
+                queued = False   # unconfirmed items are written again
+                if self.stop.is_set():
+                    time.sleep(min(delay, 0.5))   # stopping: keep trying until the deadline
+                else:
+                    self.stop.wait(delay)
+
+    def close(self):
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as e:
+                self.log.warning("closing the writer: %s", e)
+        self.writer = None
+
+
+class Unroll(NamedTuple):
+    """A dispatched unroll: its outputs are JAX arrays, ready once XLA has stepped the envs."""
+    version: int             # params version it steps with (stamped on every step)
+    segments: Any            # {field: [num_envs, T, ...]}
+    stats: Any               # {"episodes", "success_steps"}
+    next_episode_id: Any     # the state's next episode id after it
+
+
+def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, log=None) -> int:
     log = log or M.setup_logging(f"actor{actor_id}")
     stop = stop or threading.Event()
     security = security_from_config(cfg.service)   # fail fast on a missing Secret
@@ -127,7 +249,7 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
     template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
     unroller = Unroller(env, nets, cfg.env.num_envs, cfg.episode_length)
-    T = cfg.segment_length
+    E, T = cfg.env.num_envs, cfg.segment_length
 
     client = client_from_config(cfg, template=template, security=security)
     refresher = ParamsRefresher(client, cfg.actor.param_refresh_s, log)
@@ -141,112 +263,53 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
     id_base = int.from_bytes(os.urandom(3), "little") << 6
     state = unroller.reset(key, id_base)
     EPISODE_ID_BASE.set(id_base)
-    NEXT_EPISODE_ID.set(id_base + cfg.env.num_envs)
+    NEXT_EPISODE_ID.set(id_base + E)
 
-    def new_writer():
-        return SegmentWriter(cfg.service.replay_address, cfg,
-                             min(cfg.actor.write_timeout_s, FLUSH_SLICE_S),
-                             state_dim=env.state_dim, action_dim=env.action_size)
-
-    writer = None
-    backoff = M.Backoff()
-    last_held_log = 0.0
+    replay = ReplayOutput(cfg, env.state_dim, env.action_size, stop, log)
     episodes = success_steps = 0.0
-    log.info("stepping %d envs of %s, segments of %d steps, episode ids from %d", cfg.env.num_envs,
+    log.info("stepping %d envs of %s, segments of %d steps, episode ids from %d", E,
              cfg.env.name, T, id_base)
-    while not stop.is_set():
-        version, params = refresher.latest()
-        VERSION.set(version)
-        t0 = time.perf_counter()
-        state, segments, stats = unroller.unroll(state, params, version, length=T)
-        segments = jax.tree_util.tree_map(np.asarray, segments)
-        UNROLL_SECONDS.observe(time.perf_counter() - t0)
-        NEXT_EPISODE_ID.set(int(state.next_episode_id))
-        # Write, waiting (bounded, logged) while replay is down or the rate limiter holds inserts.
-        # After a stop request the current write still gets FINAL_FLUSH_S to be confirmed.
-        t0 = time.perf_counter()
-        written = pending = False   # pending: appended to the writer, waiting for confirmation
-        stop_deadline = None
-        held_since = None
-        last_probe, replay_was_down = 0.0, False
-        while not written:
-            if stop.is_set():
-                stop_deadline = stop_deadline or time.monotonic() + FINAL_FLUSH_S
-                if time.monotonic() > stop_deadline:
-                    break
-            try:
-                if writer is None:
-                    writer = new_writer()
-                if pending:
-                    writer.flush()
-                else:
-                    writer.write(segments)
-                written = True
-                backoff.reset()
-            except ReplayTimeout:
-                # Appended and not yet confirmed if the writer got past its server check.
-                pending = getattr(writer, "_writer", None) is not None
-                RATE_LIMITED.inc()
-                now = time.monotonic()
-                held_since = held_since or now
-                if now - held_since >= 10.0 and now - last_held_log > 30.0:
-                    log.info("replay has held inserts for %.0fs (learner behind or restarting, or "
-                             "replay busy); still waiting", now - held_since)
-                    last_held_log = now
-                # Held by the rate limiter, or is replay gone? Reverb's writer would reconnect by
-                # itself, but only after its own reconnect backoff (~10 s measured): once replay
-                # was seen down and answers again, a fresh writer re-sends the pending segments.
-                if now - held_since >= PROBE_AFTER_S and now - last_probe >= FLUSH_SLICE_S:
-                    last_probe = now
-                    up = _replay_answers(cfg.service.replay_address)
-                    if not up and not replay_was_down:
-                        log.warning("replay at %s does not answer; waiting for it",
-                                    cfg.service.replay_address)
-                    elif up and replay_was_down:
-                        log.info("replay answers again; reconnecting the writer (pending segments "
-                                 "are written again)")
-                        RECONNECTS.labels(to="replay").inc()
-                        if writer is not None:
-                            writer.close()
-                        writer, pending = None, False
-                    replay_was_down = not up
-            except (ReplayUnavailable, ConnectionError, OSError) as e:
-                RECONNECTS.labels(to="replay").inc()
-                delay = backoff.next()
-                log.warning("replay unavailable (%s); reconnecting in %.1fs", e, delay)
-                if writer is not None:
-                    try:
-                        writer.close()
-                    except Exception:
-                        pass
-                writer, pending = None, False   # unconfirmed items are written again
-                if stop.is_set():
-                    time.sleep(min(delay, 0.5))   # stopping: keep trying within FINAL_FLUSH_S
-                else:
-                    stop.wait(delay)
-        if not written:
-            DROPPED.inc(cfg.env.num_envs)
-            log.warning("stopping: %d segments of the last unroll were not confirmed by replay "
-                        "within %.0fs; dropped", cfg.env.num_envs, FINAL_FLUSH_S)
+    pending: Optional[Unroll] = None   # dispatched in the previous iteration, not yet written
+    while True:
+        stopping = stop.is_set()
+        if not stopping:
+            # Dispatch the next unroll with the newest params. JAX returns at once: XLA steps the
+            # envs on its own threads while this thread writes the previous unroll below.
+            version, params = refresher.latest()
+            VERSION.set(version)
+            state, segments, stats = unroller.unroll(state, params, version, length=T)
+            dispatched = Unroll(version, segments, stats, state.next_episode_id)
+        if pending is not None:
+            t0 = time.perf_counter()
+            jax.block_until_ready(pending.segments)
+            UNROLL_SECONDS.observe(time.perf_counter() - t0)
+            segments_k = jax.tree_util.tree_map(np.asarray, pending.segments)
+            t0 = time.perf_counter()
+            if replay.write(segments_k):
+                WRITE_SECONDS.observe(time.perf_counter() - t0)
+                SEGMENTS.inc(E)
+                ENV_STEPS.inc(E * T)
+                n_ep, n_succ = (float(pending.stats["episodes"]),
+                                float(pending.stats["success_steps"]))
+                EPISODES.inc(n_ep)
+                SUCCESS_STEPS.inc(n_succ)
+                episodes, success_steps = episodes + n_ep, success_steps + n_succ
+                if episodes:
+                    TIME_AT_GOAL.set(success_steps / episodes)
+            else:
+                DROPPED.inc(E)
+                log.warning("stopping: %d segments of an unroll were not confirmed by replay "
+                            "within %.0fs of the stop; dropped", E, FINAL_FLUSH_S)
+            NEXT_EPISODE_ID.set(int(pending.next_episode_id))
+            # Lag of the params in use (those of the unroll stepping now, the VERSION gauge).
+            LEARNER_VERSION.set(max(version, refresher.version))
+            LAG.set(max(version, refresher.version) - version)
+        if stopping:
             break
-        WRITE_SECONDS.observe(time.perf_counter() - t0)
-        SEGMENTS.inc(cfg.env.num_envs)
-        ENV_STEPS.inc(cfg.env.num_envs * T)
-        n_ep, n_succ = float(stats["episodes"]), float(stats["success_steps"])
-        EPISODES.inc(n_ep)
-        SUCCESS_STEPS.inc(n_succ)
-        episodes, success_steps = episodes + n_ep, success_steps + n_succ
-        if episodes:
-            TIME_AT_GOAL.set(success_steps / episodes)
-        LEARNER_VERSION.set(max(version, refresher.version))
-        LAG.set(max(version, refresher.version) - version)
+        pending = dispatched
     refresher.stop()
     client.close()
-    if writer is not None:
-        try:
-            writer.close()
-        except Exception as e:
-            log.warning("closing the writer: %s", e)
+    replay.close()
     log.info("stopped")
     return 0
 

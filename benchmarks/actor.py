@@ -6,18 +6,22 @@ jitted unroll of the same envs and policy.
 
 Per env: a replay server (`python -m replay.server`, rate limiter opened wide so inserts never
 wait on a learner) and a params publisher (a ParameterServer process publishing a new actor
-version every 0.5 s, as a learner does) run as separate processes. In this process, in order:
+version every 0.5 s, as a learner does) run as separate processes. Both phases step the same
+policy (the publisher's params; its later versions differ by 1e-3). In this process, in order:
 
-  bare     : crl.rollout.Unroller.unroll in a loop, block_until_ready   (the upper bound)
+  bare     : crl.rollout.Unroller.unroll back to back, one queued ahead (the upper bound)
   actor    : actors.role.run (the real role: ParamsRefresher thread, SegmentWriter with bounded
-             flushes) in a thread; env steps counted from its crl_actor_env_steps_total
-  overlap  : benchmarks/actor_overlap.py, the same loop with the write of unroll k overlapped
-             with unroll k+1 (the change proposed for actors/role.py)
-  bare     : again, so the ratio uses the mean of the two bare runs around the role runs
+             flushes, the write of unroll k overlapped with unroll k+1) in a thread; env steps
+             counted from its crl_actor_env_steps_total
+  bare     : again, so the ratio uses the mean of the two bare runs around the role run
 
 Rates are measured between counter increments in a steady window after compile and the first
-params. Figures: env steps/s of each, ratio actor / bare (target >= 0.9), ratio overlap / bare,
-mean unroll and write seconds per iteration from the role's histograms.
+params. Figures: env steps/s of each, ratio actor / bare (target >= 0.9), and the in-loop
+figures from the role's own histograms over the same window (load drift cancels): per
+iteration, the seconds it waited for the unroll (the part the overlapped write did not hide)
+and the seconds of the write, each also as a share of the loop period. An unroll wait > 0
+means the write is hidden: the envs never wait for replay, and what is left between actor and
+bare is CPU contention (the write's work shares the cores with XLA's threads).
 """
 from __future__ import annotations
 
@@ -89,29 +93,33 @@ def measure_role(run_fn, cfg, window: float, warm_increments: int = 2, timeout_s
     n_unroll = max(d["crl_actor_unroll_seconds_count"], 1)
     n_write = max(d["crl_actor_write_seconds_count"], 1)
     return {"env_steps_per_s": (s1 - s0) / (t1 - t0), "window_s": t1 - t0,
-            "unroll_s": d["crl_actor_unroll_seconds_sum"] / n_unroll,
+            "unroll_wait_s": d["crl_actor_unroll_seconds_sum"] / n_unroll,
             "write_s": d["crl_actor_write_seconds_sum"] / n_write}
 
 
 def measure_bare(unroller, params, state, T: int, window: float):
+    """Unrolls back to back, the next one always queued before waiting for the previous (as the
+    role does), so no host round trip sits between two unrolls: XLA's own stepping rate."""
     import jax
     state, seg, _ = unroller.unroll(state, params, 0, length=T)   # compile + warm
     jax.block_until_ready(seg)
     n, t0 = 0, time.perf_counter()
     while n < 3 or time.perf_counter() - t0 < window:
-        state, seg, _ = unroller.unroll(state, params, 0, length=T)
+        state, nxt, _ = unroller.unroll(state, params, 0, length=T)
         jax.block_until_ready(seg)
+        seg = nxt
         n += 1
+    jax.block_until_ready(seg)
     return state, unroller.num_envs * T * n / (time.perf_counter() - t0)
 
 
 def bench_env(env_name: str, a, q: bool) -> None:
     import jax
     from actors import role as actor_role
-    from benchmarks import actor_overlap
     from crl import config as C
     from crl.envs import ENV_SPECS, make_env
     from crl.networks import CRLNetworks
+    from crl.params_service import ParameterClient
     from crl.rollout import Unroller
 
     key = dims_key(env_name)
@@ -136,15 +144,17 @@ def bench_env(env_name: str, a, q: bool) -> None:
         nets_cfg = C.NetworksConfig(actor=C.NetworkConfig(depth=depth, width=width),
                                     critic=C.NetworkConfig(depth=4, width=width))
         nets = CRLNetworks(nets_cfg, S, A, env.goal_dim)
-        params = nets.init(jax.random.PRNGKey(0))[0]
         episode_length = T if q else ENV_SPECS[env_name].episode_length
         unroller = Unroller(env, nets, num_envs, episode_length)
         ustate = unroller.reset(jax.random.PRNGKey(1))
+        # The same policy as the role's: the params it gets first (version 0) from the publisher.
+        ready = common.read_json_line(params_proc, 300, "params server")
+        template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
+        with ParameterClient(f"127.0.0.1:{ready['ready']}", template=template) as client:
+            params = jax.device_put(client.get(subset="actor")[1]["actor"])
+        replay.wait()   # started meanwhile; its start-up must not overlap a measured phase
         ustate, bare1 = measure_bare(unroller, params, ustate, T, window)
         print(f"  bare unroll          {bare1:>10,.0f} env steps/s", flush=True)
-
-        ready = common.read_json_line(params_proc, 300, "params server")
-        replay.wait()
         over = dict(overrides)
         over.update({"env.name": env_name, "env.num_envs": num_envs,
                      "network.actor.depth": depth, "network.actor.width": width,
@@ -155,36 +165,31 @@ def bench_env(env_name: str, a, q: bool) -> None:
             over["env.episode_length"] = T
         cfg = C.load(overrides=over)
         role = measure_role(actor_role.run, cfg, window)
-        print(f"  actor role           {role['env_steps_per_s']:>10,.0f} env steps/s  "
-              f"(unroll {role['unroll_s']:.3f} s + write {role['write_s']:.3f} s per iteration)",
-              flush=True)
-        ovl = measure_role(actor_overlap.run, cfg, window)
-        print(f"  overlapped prototype {ovl['env_steps_per_s']:>10,.0f} env steps/s  "
-              f"(unroll {ovl['unroll_s']:.3f} s incl. waiting, write {ovl['write_s']:.3f} s)",
-              flush=True)
+        print(f"  actor role           {role['env_steps_per_s']:>10,.0f} env steps/s", flush=True)
         ustate, bare2 = measure_bare(unroller, params, ustate, T, window)
         print(f"  bare unroll (again)  {bare2:>10,.0f} env steps/s", flush=True)
         bare = statistics.mean([bare1, bare2])
         ratio = role["env_steps_per_s"] / bare
-        ratio_ovl = ovl["env_steps_per_s"] / bare
         seg_mb = common.segment_bytes(T, S, A) / common.MiB
-        # In-loop efficiency: the share of the role's loop period spent in the unroll, from its own
-        # histograms (both measured in the same iterations, so load drift cancels).
-        loop_eff = role["unroll_s"] * role["env_steps_per_s"] / (num_envs * T)
-        print(f"  actor / bare = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); "
-              f"overlapped / bare = {ratio_ovl:.2f}; in-loop efficiency (unroll share of the role's "
-              f"loop) {loop_eff:.2f}; the actor writes "
-              f"{role['env_steps_per_s'] / T * seg_mb:.1f} MB/s", flush=True)
+        # In-loop figures: shares of the role's loop period (num_envs * T env steps per
+        # iteration), from its own histograms over the same window.
+        loop_s = num_envs * T / role["env_steps_per_s"]
+        wait_share, write_share = role["unroll_wait_s"] / loop_s, role["write_s"] / loop_s
+        print(f"  actor / bare = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'})",
+              flush=True)
+        print(f"  in the role's loop ({loop_s * 1e3:.1f} ms per unroll): waits for the unroll "
+              f"{role['unroll_wait_s'] * 1e3:.1f} ms ({wait_share:.0%}), writes "
+              f"{role['write_s'] * 1e3:.1f} ms ({write_share:.0%}) while the next unroll steps: "
+              f"{'the write is hidden' if role['unroll_wait_s'] > 0.001 else 'write-bound'}; "
+              f"the actor writes {role['env_steps_per_s'] / T * seg_mb:.1f} MB/s", flush=True)
         figures = {"bare_env_steps_per_s": bare, "actor_env_steps_per_s": role["env_steps_per_s"],
-                   "loop_efficiency": loop_eff,
-                   "overlap_env_steps_per_s": ovl["env_steps_per_s"], "ratio_actor_bare": ratio,
-                   "ratio_overlap_bare": ratio_ovl, "unroll_s": role["unroll_s"],
-                   "write_s": role["write_s"],
+                   "ratio_actor_bare": ratio, "loop_s": loop_s,
+                   "unroll_wait_s": role["unroll_wait_s"], "write_s": role["write_s"],
+                   "unroll_wait_share": wait_share, "write_share": write_share,
                    "write_mb_per_s": role["env_steps_per_s"] / T * seg_mb}
         common.record("actor", env_name, config, figures, out=a.out, quick=q,
                       extra={"bare_runs": [bare1, bare2], "target_ratio": 0.9,
-                             "target_met": ratio >= 0.9, "overlap_write_s": ovl["write_s"],
-                             "params_bytes": ready["bytes"]})
+                             "target_met": ratio >= 0.9, "params_bytes": ready["bytes"]})
     finally:
         common.stop_process(params_proc, timeout_s=10)
         replay.stop()

@@ -69,6 +69,7 @@ class SegmentWriter:
         self._writer = None
         self._verified = False
         self.segments_written = 0      # confirmed by a successful flush
+        self.unconfirmed = 0           # appended to the current stream, not yet confirmed
         self.reconnects = 0
         self.last_flush_s = 0.0
         self._connect()
@@ -80,6 +81,7 @@ class SegmentWriter:
         self._client = reverb.Client(self.address)   # lazy: no RPC until used
         self._writer = None
         self._verified = False
+        self.unconfirmed = 0
 
     def _ensure_writer(self):
         """The TrajectoryWriter, created after the (bounded) server check.
@@ -183,6 +185,7 @@ class SegmentWriter:
                 w.append({k: data[k][i] for k in self.fields})
                 hist = w.history
                 w.create_item(self.table, self.priority, {k: hist[k][-1] for k in self.fields})
+                self.unconfirmed += 1
         except ReplayError:
             raise
         except Exception as e:
@@ -190,11 +193,13 @@ class SegmentWriter:
                 raise ReplayUnavailable(f"replay server at {self.address}: {e}") from e
             raise
         self.flush()
-        self.segments_written += n
         return n
 
     def flush(self, timeout_s: Optional[float] = None) -> None:
-        """Waits (bounded) until every queued item is confirmed by the server."""
+        """Waits (bounded) until every queued item is confirmed by the server.
+
+        On success `unconfirmed` drops to 0 (and `segments_written` grows by as much); on
+        ReplayTimeout the items stay queued and `unconfirmed` says how many."""
         import reverb
         t = self.timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
@@ -202,6 +207,8 @@ class SegmentWriter:
             return
         try:
             self._writer.flush(timeout_ms=max(1, int(t * 1000)))
+            self.segments_written += self.unconfirmed
+            self.unconfirmed = 0
         except reverb.errors.DeadlineExceededError as e:
             raise ReplayTimeout(
                 f"replay write to {self.address} not confirmed within {t:g}s (rate limiter holding "
@@ -222,6 +229,7 @@ class SegmentWriter:
             except Exception:
                 pass
             self._writer = None
+        self.unconfirmed = 0
 
     def __enter__(self):
         return self

@@ -23,7 +23,7 @@ KEY_FIGURES = {
     "learner_pipeline": {"device_sgd_steps_per_s", "pipeline_sgd_steps_per_s",
                          "ratio_pipeline_device", "publish_sgd_steps_per_s", "sample_only_mb_per_s"},
     "actor": {"bare_env_steps_per_s", "actor_env_steps_per_s", "ratio_actor_bare",
-              "overlap_env_steps_per_s"},
+              "loop_s", "write_s"},
     "replay": {"insert_env_steps_per_s", "insert_mb_per_s", "sample_env_steps_per_s",
                "sample_mb_per_s"},
     "params": {"latency_s", "mb_per_s", "publish_s", "max_fetch_s"},
