@@ -108,5 +108,25 @@ def _evaluate_unless_stopped(unroller: Unroller, key, actor_params,
     return out
 
 
+STOP_GRACE_S = 5.0
+
+
+def _exit_if_stop_hangs(stop: threading.Event, log, grace_s: float = STOP_GRACE_S) -> None:
+    """Process entry only: after a stop request, exit 0 if the loop has not ended within
+    grace_s. The evaluator keeps no state, and a call into a learner that is going away has
+    been seen to outlast its deadline (CI: evaluator SIGKILLed 60 s after SIGTERM)."""
+    def watch():
+        stop.wait()
+        time.sleep(grace_s)
+        log.warning("did not stop within %.0fs of the stop request; exiting 0 (nothing to save)",
+                    grace_s)
+        logging.shutdown()
+        os._exit(0)
+    threading.Thread(target=watch, name="stop-watchdog", daemon=True).start()
+
+
 def main(cfg: Config, args) -> int:
-    return M.run_role("evaluator", cfg, args, lambda stop, log: run(cfg, stop, log))
+    def role(stop, log):
+        _exit_if_stop_hangs(stop, log)
+        return run(cfg, stop, log)
+    return M.run_role("evaluator", cfg, args, role)
