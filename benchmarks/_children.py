@@ -101,9 +101,11 @@ def params_server(a) -> int:
 
 def params_client(a) -> int:
     from crl.params_service import ParameterClient
-    template = actor_template(a.depth, a.width, a.dims)
+    template = actor_template(a.depth, a.width, getattr(a, "dims", "humanoid"))
     client = ParameterClient(a.address, timeout_s=120.0, template=template,
-                             max_message_mb=a.max_message_mb)
+                             max_message_mb=a.max_message_mb,
+                             wire_dtype=getattr(a, "wire_dtype", "float32"),
+                             host_cache=getattr(a, "host_cache", "") or None)
     stop = threading.Event()
     watch_stdin(stop)
     version = -1

@@ -27,8 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
 
 from benchmarks import common
 
@@ -42,8 +40,7 @@ def depth_for(million: float) -> int:
 
 def client_child(argv) -> int:
     """One actor-like client process (benchmarks._children.params_client with the variants)."""
-    from benchmarks._children import actor_template, emit, watch_stdin
-    from crl.params_service import ParameterClient
+    from benchmarks._children import params_client
     p = argparse.ArgumentParser()
     p.add_argument("--address", required=True)
     p.add_argument("--depth", type=int, required=True)
@@ -53,34 +50,7 @@ def client_child(argv) -> int:
     p.add_argument("--wire-dtype", default="float32")
     p.add_argument("--host-cache", default="")
     p.add_argument("--device-put", action="store_true")
-    a = p.parse_args(argv)
-    template = actor_template(a.depth, a.width, "humanoid")
-    client = ParameterClient(a.address, timeout_s=120.0, template=template,
-                             max_message_mb=a.max_message_mb, wire_dtype=a.wire_dtype,
-                             host_cache=a.host_cache or None)
-    stop = threading.Event()
-    watch_stdin(stop)
-    version = -1
-    emit(ready=True)
-    while not stop.is_set():
-        t0 = time.perf_counter()
-        got = client.get(min_version=version, subset="actor")
-        if got is None:
-            stop.wait(a.poll)
-            continue
-        fetch_s = time.perf_counter() - t0
-        t_got = time.time()
-        version = got[0]
-        extra = {}
-        if a.device_put:   # what ParamsRefresher does next
-            import jax
-            t1 = time.perf_counter()
-            jax.block_until_ready(jax.device_put(got[1]["actor"]))
-            extra["device_put_s"] = time.perf_counter() - t1
-        emit(got=version, t=t_got, fetch_s=fetch_s, **extra)
-        del got
-    client.close()
-    return 0
+    return params_client(p.parse_args(argv))
 
 
 def main(argv=None) -> int:
