@@ -1055,14 +1055,8 @@ def self_signed_certificate(names: List[str], days: int = 365) -> Tuple[bytes, b
 
 
 def _read_user_file(option: str, path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ClusterError(f"{option} {path!r}: cannot read it ({e.strerror or e})") from None
-    if not data.strip():
-        raise ClusterError(f"{option} {path!r}: the file is empty")
-    return data
+    from crl.params_service import read_secret_file
+    return read_secret_file(f"{option} {path!r}", path, ClusterError)
 
 
 def _load_certs(option: str, path: str, data: bytes):

@@ -1326,16 +1326,23 @@ class Security:
         return f"TLS {'on' if self.tls else 'off'}, token {'required' if self.token else 'off'}"
 
 
-def _read_file(field_name: str, path: str) -> bytes:
-    from crl.config import ConfigError
+def read_secret_file(what: str, path: str, error=None) -> bytes:
+    """The bytes of a certificate, key or token file; `error` (default ConfigError) naming
+    `what` (e.g. "service.tls_cert = '/p'") if it cannot be read or is empty."""
+    if error is None:
+        from crl.config import ConfigError as error
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise ConfigError(f"{field_name} = {path!r}: cannot read it ({e.strerror or e})") from None
+        raise error(f"{what}: cannot read it ({e.strerror or e})") from None
     if not data.strip():
-        raise ConfigError(f"{field_name} = {path!r}: the file is empty")
+        raise error(f"{what}: the file is empty")
     return data
+
+
+def _read_file(field_name: str, path: str) -> bytes:
+    return read_secret_file(f"{field_name} = {path!r}", path)
 
 
 def _check_pem(field_name: str, path: str, data: bytes, kind: str) -> bytes:
