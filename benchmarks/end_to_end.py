@@ -11,9 +11,10 @@ drift of the machine's load shows). Rates are steady-state:
   - crl local: this benchmark scrapes every role's /metrics every 2 s; the window starts 10 s
     after the learner has taken its first SGD step and every actor has written, and lasts
     --window seconds; then the launcher is stopped (SIGINT, by PID).
-Where the time goes (crl local, over the window): learner wall-time fractions waiting for a
-sample (crl_learner_wait_seconds_total) and inside the update (crl_learner_compute_seconds_total),
-the rest being publishing, checkpoints and polling; each actor's fractions in the jitted unroll
+Where the time goes (crl local, over the window): the learner loop's wall-time fractions waiting
+for a sample (crl_learner_wait_seconds_total) and dispatching / waiting for the update
+(crl_learner_compute_seconds_total), the rest being host-side checks, checkpoints and polling;
+the publisher thread's busy fraction (crl_learner_publish_seconds: off the update loop); each actor's fractions in the jitted unroll
 (crl_actor_unroll_seconds) and writing (crl_actor_write_seconds: includes waiting for the rate
 limiter); the replay table's rate-limiter waits; and the CPU seconds each role's process used
 (from /proc), which on 2 cores is the budget they share.
@@ -216,9 +217,11 @@ def main(argv=None) -> int:
     ratio_sgd = loc["sgd_steps_per_s"] / drv_sgd
     print(f"  local / driver: env steps {ratio_env:.2f}, SGD steps {ratio_sgd:.2f} "
           f"(target >= 0.9: {'met' if min(ratio_env, ratio_sgd) >= 0.9 else 'MISSED'})")
-    print(f"  where the time goes (crl local): learner waiting {100 * loc['learner_wait_frac']:.0f}% / "
-          f"computing {100 * loc['learner_compute_frac']:.0f}% / publishing "
-          f"{100 * loc['learner_publish_frac']:.0f}% of wall time; actors unrolling "
+    print(f"  where the time goes (crl local): learner loop waiting for samples "
+          f"{100 * loc['learner_wait_frac']:.0f}% / on the update {100 * loc['learner_compute_frac']:.0f}% / "
+          f"other {100 * max(0.0, 1 - loc['learner_wait_frac'] - loc['learner_compute_frac']):.0f}% "
+          f"of wall time, publisher thread busy {100 * loc['learner_publish_frac']:.0f}% "
+          f"(off the loop); actors unrolling "
           f"{100 * loc['actor_unroll_frac']:.0f}% / writing {100 * loc['actor_write_frac']:.0f}%; "
           f"replay inserts held {100 * loc['replay_insert_wait_frac']:.0f}%, samples held "
           f"{100 * loc['replay_sample_wait_frac']:.0f}%")

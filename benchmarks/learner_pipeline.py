@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--segments-per-call", type=int, default=None)
     p.add_argument("--minibatches-per-call", type=int, default=None)
     p.add_argument("--prefetch", type=int, default=2)
+    p.add_argument("--publish-interval", type=float, default=0.5,
+                   help="learner.publish_interval_s of the role-loop phase")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--calls", type=int, default=None, help="timed update calls per phase")
     common.add_common_args(p)
@@ -143,31 +145,37 @@ def main(argv=None) -> int:
             return time.perf_counter() - t0, wait, pub
 
         proto = ProposedLoop(updater, sampler, server, version)
+        role_loop = RoleLoop(updater, sampler, server, version, a.publish_interval)
 
         print(f"{'round':>5} {'device SGD/s':>12} {'pipeline SGD/s':>14} {'+publish SGD/s':>14} "
-              f"{'proposed SGD/s':>14} {'ratio':>6} {'ratio+pub':>9} {'ratio prop.':>11} "
-              f"{'wait %':>6}", flush=True)
-        per = {"device": [], "pipeline": [], "publish": [], "proposed": []}
-        ratios, ratios_pub, ratios_prop, waits, pubs = [], [], [], [], []
+              f"{'proposed SGD/s':>14} {'role SGD/s':>10} {'ratio':>6} {'ratio+pub':>9} "
+              f"{'ratio prop.':>11} {'ratio role':>10} {'wait %':>6}", flush=True)
+        per = {"device": [], "pipeline": [], "publish": [], "proposed": [], "role": []}
+        ratios, ratios_pub, ratios_prop, ratios_role, waits, pubs = [], [], [], [], [], []
         for r in range(rounds):
             d = device_phase()
             pl = pipeline_phase(False)
             pp = pipeline_phase(True)
             pr = proto.phase(calls, warm=a.prefetch + 1)
+            rl = role_loop.phase(calls, warm=a.prefetch + 1)
             rate = lambda ph: calls * mpc / ph[0]   # noqa: E731
             per["device"].append(rate(d))
             per["pipeline"].append(rate(pl))
             per["publish"].append(rate(pp))
             per["proposed"].append(rate(pr))
+            per["role"].append(rate(rl))
             ratios.append(rate(pl) / rate(d))
             ratios_pub.append(rate(pp) / rate(d))
             ratios_prop.append(rate(pr) / rate(d))
+            ratios_role.append(rate(rl) / rate(d))
             waits.append(pl[1] / pl[0])
             pubs.append(pp[2] / calls)
             print(f"{r:>5} {rate(d):>12.2f} {rate(pl):>14.2f} {rate(pp):>14.2f} {rate(pr):>14.2f} "
-                  f"{ratios[-1]:>6.2f} {ratios_pub[-1]:>9.2f} {ratios_prop[-1]:>11.2f} "
-                  f"{100 * waits[-1]:>6.1f}", flush=True)
+                  f"{rate(rl):>10.2f} {ratios[-1]:>6.2f} {ratios_pub[-1]:>9.2f} "
+                  f"{ratios_prop[-1]:>11.2f} {ratios_role[-1]:>10.2f} {100 * waits[-1]:>6.1f}",
+                  flush=True)
         proto.close()
+        role_loop.close()
         med = statistics.median
         payload_mb = server._current().total_bytes / common.MiB
         figures = {
@@ -178,6 +186,8 @@ def main(argv=None) -> int:
             "ratio_publish_device": med(ratios_pub),
             "proposed_sgd_steps_per_s": med(per["proposed"]),
             "ratio_proposed_device": med(ratios_prop),
+            "role_sgd_steps_per_s": med(per["role"]),
+            "ratio_role_device": med(ratios_role),
             "device_call_s": mpc / med(per["device"]),
             "sample_only_batches_per_s": 1 / sample_only_s,
             "sample_only_mb_per_s": spc * seg_mb / sample_only_s,
@@ -189,7 +199,8 @@ def main(argv=None) -> int:
         ratio = figures["ratio_pipeline_device"]
         print(f"pipeline / device = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); "
               f"with publish every call: {figures['ratio_publish_device']:.2f}; proposed loop "
-              f"(prototype): {figures['ratio_proposed_device']:.2f}; waiting "
+              f"(prototype): {figures['ratio_proposed_device']:.2f}; the learner role's loop "
+              f"(async + publisher thread): {figures['ratio_role_device']:.2f}; waiting "
               f"{100 * med(waits):.1f}% of the pipeline's time; sampler alone "
               f"{figures['sample_only_mb_per_s']:.0f} MB/s vs {figures['required_mb_per_s']:.0f} "
               f"MB/s needed; publish {1e3 * figures['publish_s_per_call']:.0f} ms per call "
@@ -209,8 +220,61 @@ def main(argv=None) -> int:
     return 0
 
 
+class RoleLoop:
+    """The learner role's loop (learner/role.py), without replay polling, checkpoints and
+    metrics: sample, device_put, dispatch call k+1 (Updater.update_async, with a params snapshot
+    when the publisher thread wants one), then read call k and hand its snapshot to the
+    ParamsPublisher (learner/publisher.py), which publishes at most every `interval_s`."""
+
+    def __init__(self, updater, sampler, server, version, interval_s: float):
+        import logging
+        from learner.publisher import ParamsPublisher
+        self.updater, self.sampler, self.version = updater, sampler, version
+        self.publisher = ParamsPublisher(server, interval_s, logging.getLogger("bench")).start()
+
+    def phase(self, calls: int, warm: int):
+        import jax
+        device = jax.local_devices()[0]
+        pending = []
+
+        def settle():
+            r = pending.pop(0)
+            bool(r.finite)
+            {k: float(v) for k, v in r.metrics.items()}
+            if r.params is not None:
+                self.version[0] += 1
+                self.publisher.offer(self.version[0], r.params)
+        t0 = None
+        for i in range(warm + calls):
+            if i == warm:
+                while pending:
+                    settle()
+                t0 = time.perf_counter()
+            b = self.sampler.sample()
+            data = jax.device_put({k: b.data[k] for k in ("state", "action", "episode_id")},
+                                  device)
+            snap = self.publisher.wants() and not any(r.params is not None for r in pending)
+            pending.append(self.updater.update_async(data, snapshot=snap))
+            while len(pending) > 1:
+                settle()
+        while pending:
+            settle()
+        dt = time.perf_counter() - t0
+        while not self.publisher.idle():   # before other phases publish newer versions
+            time.sleep(0.01)
+        return dt, 0.0, 0.0
+
+    def close(self):
+        left = self.publisher.stop()
+        if left is not None:
+            self.publisher.publish_now(*left)
+
+
 class ProposedLoop:
-    """PROTOTYPE of the learner loop proposed for learner/role.py + crl/learning.py (Updater):
+    """PROTOTYPE of the learner loop proposed for learner/role.py + crl/learning.py (Updater), kept
+    as the benchmark's reference. The role now does the same with Updater.update_async and
+    learner/publisher.py (the loop itself samples and device_puts batch k+1 while call k
+    computes; it publishes at most every learner.publish_interval_s):
 
     - a prefetch thread takes sampled batches and puts them on the device (jax.device_put) ahead
       of the update that needs them (queue of 1);

@@ -217,11 +217,47 @@ def resolve_num_devices(requested: int) -> int:
     return requested
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """True iff every float leaf of `tree` is finite (one fused reduction on device)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _copy_params(state: TrainState) -> Dict[str, Any]:
+    """{"actor", "critic"}: fresh buffers (a jitted copy never aliases its inputs), so the next
+    update, which donates the state's buffers, cannot invalidate them."""
+    return jax.tree_util.tree_map(jnp.copy, {"actor": state.actor_params,
+                                             "critic": state.critic_params})
+
+
+_copy_params_jit = jax.jit(_copy_params)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _after_update(metrics, state: TrainState, snapshot: bool):
+    finite = all_finite((metrics, state.actor_params, state.critic_params, state.log_alpha))
+    return finite, jnp.copy(state.steps), (_copy_params(state) if snapshot else None)
+
+
+class UpdateResult(NamedTuple):
+    """What one asynchronously dispatched update call returns, all still on the device: reading
+    a field (float(), bool(), int(), np.asarray) waits for that call to finish. None of them is
+    invalidated by the next call's buffer donation."""
+    metrics: Dict[str, jax.Array]      # scalar losses etc.
+    finite: jax.Array                  # bool: the metrics and the new params/log_alpha are finite
+    steps: jax.Array                   # int: SGD steps taken after this call
+    params: Optional[Dict[str, Any]]   # snapshot=True: a copy of the new {"actor", "critic"}
+
+
 class Updater:
     """Holds the TrainState of one learner and applies the compiled update to sampled segments.
 
     The thin stateful shell shared by the in-process driver and the learner role: it picks the
-    single-device or the pmap'ed update and hides replication.
+    single-device or the pmap'ed update and hides replication. `update` returns host floats
+    (it waits for the call); `update_async` returns at once, so the caller can prepare the next
+    batch, or dispatch the next call, while this one computes.
     """
 
     def __init__(self, cfg: Config, state_dim: int, action_dim: int, goal_indices, key,
@@ -233,6 +269,14 @@ class Updater:
 
     def update(self, segments) -> Dict[str, float]:
         """segments {state [N, T, S], action [N, T, A], episode_id [N, T]} -> metrics (floats)."""
+        return {k: float(v) for k, v in self.update_async(segments).metrics.items()}
+
+    def update_async(self, segments, snapshot: bool = False) -> UpdateResult:
+        """Dispatches one update call and returns without waiting for it (JAX's asynchronous
+        dispatch): device metrics, an "all finite" flag over the metrics and the new params, the
+        new SGD step count and, with snapshot=True, a copy of the new params for publishing.
+        The update donates the previous state's buffers, so the state is only ever read
+        through what this returns or through the methods below."""
         segments = {k: segments[k] for k in ("state", "action", "episode_id")}
         if self.num_devices > 1:
             self.state, metrics = self.learner.update_many_pmap(
@@ -240,7 +284,13 @@ class Updater:
             metrics = unreplicate(metrics)
         else:
             self.state, metrics = self.learner.update_many(self.state, segments)
-        return {k: float(v) for k, v in metrics.items()}
+        finite, steps, params = _after_update(metrics, self.host_state(), snapshot)
+        return UpdateResult(metrics, finite, steps, params)
+
+    def params_snapshot(self) -> Dict[str, Any]:
+        """A copy of the current {"actor", "critic"} params that later updates do not invalidate
+        (dispatched asynchronously, like an update)."""
+        return _copy_params_jit(self.host_state())
 
     def host_state(self) -> TrainState:
         """The (unreplicated) TrainState, e.g. for checkpoints and publishing."""

@@ -7,16 +7,20 @@ is never the one restored; `latest_step` only lists finished ones.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from crl.learning import TrainState
 
 log = logging.getLogger("crl.learner.checkpoint")
+
+_copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
 class LearnerCheckpointer:
@@ -26,11 +30,54 @@ class LearnerCheckpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
-    def save(self, step: int, state: TrainState, counters: Dict[str, int]) -> None:
+    def save(self, step: int, state: TrainState, counters: Dict[str, int],
+             wait: bool = True) -> None:
+        """Saves `step`, replacing one of that number (Orbax would silently keep the old one, with
+        its older counters: the final checkpoint can share the step of a periodic one).
+
+        wait=False returns once Orbax holds the arrays on the host (a copy of `state` is taken
+        first, so the caller's next update may donate its buffers) and writes the files in the
+        background; the next save, restore, wait() or close() waits for them. Until then the
+        previous checkpoint is the newest one on disk."""
+        self.manager.wait_until_finished()
+        if step in self.manager.all_steps():
+            self.manager.delete(step)
+        if not wait:
+            state = _copy_tree(state)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()),
             counters=ocp.args.JsonSave({k: int(v) for k, v in counters.items()})))
+        if wait:
+            self.manager.wait_until_finished()
+
+    def wait(self) -> None:
+        """Waits for a save started with wait=False."""
         self.manager.wait_until_finished()
+
+    # The params-version floor: a tiny file beside the steps (Orbax ignores it) holding the
+    # lowest version the next start may publish, so that a learner crashing again before its
+    # first checkpoint never reuses the versions of its previous start (learner/role.py).
+    FLOOR_FILE = "params_version_floor.json"
+
+    def version_floor(self) -> int:
+        try:
+            with open(os.path.join(self.directory, self.FLOOR_FILE)) as f:
+                return int(json.load(f)["next_version"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("unreadable %s (%s); ignoring it", self.FLOOR_FILE, e)
+            return 0
+
+    def set_version_floor(self, version: int) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, self.FLOOR_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"next_version": int(version)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -42,6 +89,7 @@ class LearnerCheckpointer:
         shape) is logged and skipped for the previous one; if none loads, the error of the
         newest is raised, naming the directory.
         """
+        self.manager.wait_until_finished()
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []

@@ -20,3 +20,33 @@ def start_role(args, log_path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
+
+
+def random_segments(n, rng, T=100, S=4, A=2):
+    """n segments of random states/actions in the replay's segment layout, one episode each."""
+    import numpy as np
+    from crl.segments import segment_spec
+    spec = segment_spec(S, A, T)
+    out = {k: np.zeros((n,) + shape, dtype) for k, (shape, dtype) in spec.items()}
+    out["state"] = rng.normal(size=out["state"].shape).astype(np.float32)
+    out["action"] = rng.uniform(-1, 1, size=out["action"].shape).astype(np.float32)
+    out["episode_id"][:] = np.arange(n)[:, None]
+    return out
+
+
+def write_all(writer, segs, timeout_s=240, until=None):
+    """One segment per write, retrying while the rate limiter holds inserts (as actors do);
+    stops early once until() is true."""
+    from replay import ReplayTimeout
+    for i in range(segs["state"].shape[0]):
+        if until is not None and until():
+            return
+        one = {k: v[i:i + 1] for k, v in segs.items()}
+
+        def attempt():
+            try:
+                writer.write(one)
+                return True
+            except ReplayTimeout:
+                return until is not None and until()
+        wait_for(attempt, timeout_s, "an insert")

@@ -96,15 +96,16 @@ def test_sigkill_mid_save_restores_the_newest_complete_step(tmp_path):
 
 def test_nonfinite_batch_rows_and_param_check():
     import jax.numpy as jnp
-    from learner.role import _all_finite, _nonfinite_rows
+    from crl.learning import all_finite
+    from learner.role import _nonfinite_rows
     data = {"state": np.zeros((4, 3, 2), np.float32), "action": np.zeros((4, 3, 1), np.float32),
             "episode_id": np.zeros((4, 3), np.int32)}
     assert not _nonfinite_rows(data).any()
     data["state"][2, 1, 0] = np.nan
     data["action"][0, 0, 0] = np.inf
     assert _nonfinite_rows(data).tolist() == [True, False, True, False]
-    assert bool(_all_finite({"a": jnp.ones(3), "n": jnp.arange(3)}))
-    assert not bool(_all_finite({"a": jnp.array([1.0, jnp.nan]), "n": jnp.arange(3)}))
+    assert bool(all_finite({"a": jnp.ones(3), "n": jnp.arange(3)}))
+    assert not bool(all_finite({"a": jnp.array([1.0, jnp.nan]), "n": jnp.arange(3)}))
 
 
 def test_fault_injection_hook_is_inert_unless_a_test_sets_it(tmp_path, monkeypatch):

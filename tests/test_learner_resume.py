@@ -13,35 +13,9 @@ import pytest
 from crl import config as C
 from crl.learning import make_learner
 from crl.params_service import ParameterClient
-from crl.segments import segment_spec
-from helpers import free_port_block, port_open, start_role, stop_process, wait_for
+from helpers import (free_port_block, port_open, random_segments as segments, start_role,
+                     stop_process, wait_for, write_all)
 from learner.checkpoint import LearnerCheckpointer
-
-
-def segments(n, rng, T=100, S=4, A=2):
-    spec = segment_spec(S, A, T)
-    out = {k: np.zeros((n,) + shape, dtype) for k, (shape, dtype) in spec.items()}
-    out["state"] = rng.normal(size=out["state"].shape).astype(np.float32)
-    out["action"] = rng.uniform(-1, 1, size=out["action"].shape).astype(np.float32)
-    out["episode_id"][:] = np.arange(n)[:, None]
-    return out
-
-
-def write_all(writer, segs, timeout_s=240):
-    """One segment per write, retrying while the rate limiter holds inserts (as actors do)."""
-    from replay import ReplayTimeout
-    n = segs["state"].shape[0]
-    for i in range(n):
-        one = {k: v[i:i + 1] for k, v in segs.items()}
-        wait_for(lambda: _try_write(writer, one, ReplayTimeout), timeout_s, "an insert")
-
-
-def _try_write(writer, one, timeout_error):
-    try:
-        writer.write(one)
-        return True
-    except timeout_error:
-        return False
 
 
 def test_learner_resumes_from_checkpoint(tmp_path):
@@ -85,7 +59,7 @@ def test_learner_resumes_from_checkpoint(tmp_path):
 
         # prefill 4 items + 8 items of training data
         proc, v1 = run_learner_until_idle("learner1.log", segments(12, rng))
-        assert v1 >= 5                    # it trained and published
+        assert v1 >= 1                    # it trained and published (at most every 0.5 s)
         assert stop_process(proc) == 0    # SIGTERM: final checkpoint, exit 0
         ckpt = LearnerCheckpointer(str(tmp_path / "learner_checkpoints"))
         learner = make_learner(cfg, 4, 2, (0, 1))

@@ -104,3 +104,39 @@ def test_critic_learns_to_classify():
     for _ in range(300):
         ts, m = step(ts)
     assert m["categorical_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_update_async_matches_update_and_its_snapshot_survives_donation(num_devices):
+    """Updater.update_async gives what update gives, without waiting; its params snapshot stays
+    readable (and unchanged) after the next call donated the state's buffers; the finite flag
+    catches a NaN update."""
+    from crl.learning import Updater
+    cfg = small_cfg()
+    N, T = 4, 20
+
+    def segs(seed):
+        k = jax.random.PRNGKey(seed)
+        return {"state": np.array(jax.random.normal(k, (N, T, S))),
+                "action": np.zeros((N, T, A), np.float32),
+                "episode_id": np.repeat(np.arange(N)[:, None], T, 1).astype(np.int32)}
+
+    sync = Updater(cfg, S, A, (0, 1), jax.random.PRNGKey(0), num_devices)
+    fast = Updater(cfg, S, A, (0, 1), jax.random.PRNGKey(0), num_devices)
+    m = sync.update(segs(1))
+    expected = jax.tree_util.tree_map(np.array, {"actor": sync.host_state().actor_params,
+                                                 "critic": sync.host_state().critic_params})
+    r1 = fast.update_async(segs(1), snapshot=True)
+    r2 = fast.update_async(segs(2))          # donates the buffers of the state r1 came from
+    assert r2.params is None
+    for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(r1.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert {k: float(v) for k, v in r1.metrics.items()} == m
+    assert bool(r1.finite) and bool(r2.finite)
+    assert int(r1.steps) == 3 and int(r2.steps) == 6 == fast.sgd_steps
+    snap = fast.params_snapshot()
+    bad = segs(3)
+    bad["state"][:] = np.nan
+    r3 = fast.update_async(bad)
+    assert not bool(r3.finite)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(snap))

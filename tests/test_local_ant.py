@@ -24,12 +24,11 @@ def test_crl_local_on_ant(tmp_path):
     assert all(code == 0 for code in summary["exit_codes"].values()), summary["exit_codes"]
     final = json.loads((tmp_path / "learner_final.json").read_text())
     assert final["env_steps"] >= 9600 and final["sgd_steps"] > 0 and final["params_version"] > 0
-    # The rate limiter holds the UTD; this run is short (8,000 env steps after the prefill), so
-    # the last unroll (8 envs x 200 steps), inserted when the budget is reached and never
-    # trained on, is a sizeable share of the data: allow for it below the target.
-    after_prefill = final["env_steps"] - 1600
-    low = 0.05 * (after_prefill - 8 * 200) / after_prefill * 0.95
-    assert low <= final["utd"] <= 0.05 * 1.1, final
+    # The rate limiter holds the UTD; at the budget the learner also does the SGD steps still
+    # owed for the last unroll (8 envs x 200 steps), so even this short run (8,000 env steps
+    # after the prefill) ends at the target: below it by less than one call (4 steps = 0.0005),
+    # above it by at most the limiter's slack.
+    assert 0.05 * 0.98 <= final["utd"] <= 0.05 * 1.1, final
     actor = summary["metrics"]["actor0"]
     assert actor["crl_actor_segments_written_total"] >= 48     # 8 envs x 6 unrolls of 200 steps
     assert max(summary["actor_versions_seen"]["actor0"]) > 0
