@@ -10,13 +10,16 @@ SGD steps in one compiled call, float metrics back, as the learner role does) is
 three ways, interleaved in rounds so the machine's load hits all three alike:
 
   device   : update(segments already on the device)  -- the upper bound
-  pipeline : batch = SegmentSampler.sample(); update(batch.data)  -- the learner role's loop
-  +publish : the pipeline plus ParameterServer.publish(actor + critic) after every call, as the
-             learner role does with learner.publish_every = 1
+  pipeline : batch = SegmentSampler.sample(); update(batch.data)  -- sampling, transfer and
+             relabelling in series with the compute
+  role     : the learner role's loop (learner/role.py): call k+1 dispatched with
+             Updater.update_async before call k is read, params snapshots handed to the
+             background ParamsPublisher (learner/publisher.py), at most every --publish-interval
 
-Figures: SGD steps/s of each, ratio pipeline / device (target >= 0.9), ratio +publish / device,
-the fraction of the pipeline's time spent waiting for a batch, the sampler's own rate (MB/s,
-no compute), and the publish time (serialise + sha256) per call.
+Figures: SGD steps/s of each, ratio pipeline / device (the issue's target, >= 0.9), ratio role /
+device, the fraction of the pipeline's time spent waiting for a batch, the sampler's own rate
+(MB/s, no compute), and what one publish of actor + critic costs (serialise + sha256; on the
+publisher thread in the role).
 """
 from __future__ import annotations
 
@@ -126,84 +129,70 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             for i in range(calls):
                 updater.update(device_batches[i % len(device_batches)])
-            return time.perf_counter() - t0, 0.0, 0.0
+            return time.perf_counter() - t0
 
-        def pipeline_phase(with_publish: bool):
+        def pipeline_phase():
             for _ in range(a.prefetch + 1):      # steady state: queue as the loop leaves it
                 updater.update(sampler.sample().data)
-            wait = pub = 0.0
+            wait = 0.0
             t0 = time.perf_counter()
             for _ in range(calls):
                 tw = time.perf_counter()
                 b = sampler.sample()
                 wait += time.perf_counter() - tw
                 updater.update(b.data)
-                if with_publish:
-                    tp = time.perf_counter()
-                    publish()
-                    pub += time.perf_counter() - tp
-            return time.perf_counter() - t0, wait, pub
+            return time.perf_counter() - t0, wait
 
-        proto = ProposedLoop(updater, sampler, server, version)
         role_loop = RoleLoop(updater, sampler, server, version, a.publish_interval)
 
-        print(f"{'round':>5} {'device SGD/s':>12} {'pipeline SGD/s':>14} {'+publish SGD/s':>14} "
-              f"{'proposed SGD/s':>14} {'role SGD/s':>10} {'ratio':>6} {'ratio+pub':>9} "
-              f"{'ratio prop.':>11} {'ratio role':>10} {'wait %':>6}", flush=True)
-        per = {"device": [], "pipeline": [], "publish": [], "proposed": [], "role": []}
-        ratios, ratios_pub, ratios_prop, ratios_role, waits, pubs = [], [], [], [], [], []
+        print(f"{'round':>5} {'device SGD/s':>12} {'pipeline SGD/s':>14} {'role SGD/s':>10} "
+              f"{'ratio':>6} {'ratio role':>10} {'wait %':>6}", flush=True)
+        per = {"device": [], "pipeline": [], "role": []}
+        ratios, ratios_role, waits = [], [], []
         for r in range(rounds):
             d = device_phase()
-            pl = pipeline_phase(False)
-            pp = pipeline_phase(True)
-            pr = proto.phase(calls, warm=a.prefetch + 1)
+            pl = pipeline_phase()
             rl = role_loop.phase(calls, warm=a.prefetch + 1)
-            rate = lambda ph: calls * mpc / ph[0]   # noqa: E731
+            rate = lambda seconds: calls * mpc / seconds   # noqa: E731
             per["device"].append(rate(d))
-            per["pipeline"].append(rate(pl))
-            per["publish"].append(rate(pp))
-            per["proposed"].append(rate(pr))
+            per["pipeline"].append(rate(pl[0]))
             per["role"].append(rate(rl))
-            ratios.append(rate(pl) / rate(d))
-            ratios_pub.append(rate(pp) / rate(d))
-            ratios_prop.append(rate(pr) / rate(d))
-            ratios_role.append(rate(rl) / rate(d))
+            ratios.append(per["pipeline"][-1] / per["device"][-1])
+            ratios_role.append(per["role"][-1] / per["device"][-1])
             waits.append(pl[1] / pl[0])
-            pubs.append(pp[2] / calls)
-            print(f"{r:>5} {rate(d):>12.2f} {rate(pl):>14.2f} {rate(pp):>14.2f} {rate(pr):>14.2f} "
-                  f"{rate(rl):>10.2f} {ratios[-1]:>6.2f} {ratios_pub[-1]:>9.2f} "
-                  f"{ratios_prop[-1]:>11.2f} {ratios_role[-1]:>10.2f} {100 * waits[-1]:>6.1f}",
-                  flush=True)
-        proto.close()
+            print(f"{r:>5} {per['device'][-1]:>12.2f} {per['pipeline'][-1]:>14.2f} "
+                  f"{per['role'][-1]:>10.2f} {ratios[-1]:>6.2f} {ratios_role[-1]:>10.2f} "
+                  f"{100 * waits[-1]:>6.1f}", flush=True)
         role_loop.close()
+        # One synchronous publish of actor + critic, timed alone (the role does it off the loop).
+        pubs = []
+        for _ in range(3):
+            tp = time.perf_counter()
+            publish()
+            pubs.append(time.perf_counter() - tp)
         med = statistics.median
         payload_mb = server._current().total_bytes / common.MiB
         figures = {
             "device_sgd_steps_per_s": med(per["device"]),
             "pipeline_sgd_steps_per_s": med(per["pipeline"]),
-            "publish_sgd_steps_per_s": med(per["publish"]),
             "ratio_pipeline_device": med(ratios),
-            "ratio_publish_device": med(ratios_pub),
-            "proposed_sgd_steps_per_s": med(per["proposed"]),
-            "ratio_proposed_device": med(ratios_prop),
             "role_sgd_steps_per_s": med(per["role"]),
             "ratio_role_device": med(ratios_role),
             "device_call_s": mpc / med(per["device"]),
             "sample_only_batches_per_s": 1 / sample_only_s,
             "sample_only_mb_per_s": spc * seg_mb / sample_only_s,
             "required_mb_per_s": spc * seg_mb * med(per["device"]) / mpc,
-            "publish_s_per_call": med(pubs),
+            "publish_s": med(pubs),
             "publish_mb_per_s": payload_mb / med(pubs),
             "compile_s": compile_s,
         }
         ratio = figures["ratio_pipeline_device"]
         print(f"pipeline / device = {ratio:.2f} (target >= 0.9: {'met' if ratio >= 0.9 else 'MISSED'}); "
-              f"with publish every call: {figures['ratio_publish_device']:.2f}; proposed loop "
-              f"(prototype): {figures['ratio_proposed_device']:.2f}; the learner role's loop "
-              f"(async + publisher thread): {figures['ratio_role_device']:.2f}; waiting "
+              f"the learner role's loop (async + publisher thread): "
+              f"{figures['ratio_role_device']:.2f}; waiting "
               f"{100 * med(waits):.1f}% of the pipeline's time; sampler alone "
               f"{figures['sample_only_mb_per_s']:.0f} MB/s vs {figures['required_mb_per_s']:.0f} "
-              f"MB/s needed; publish {1e3 * figures['publish_s_per_call']:.0f} ms per call "
+              f"MB/s needed; one publish {1e3 * figures['publish_s']:.0f} ms "
               f"({payload_mb:.1f} MB)")
         common.record("learner_pipeline", f"depth={depth} {dims}", config, figures, out=a.out,
                       quick=q, extra={"wait_fraction": med(waits), "payload_mb": payload_mb,
@@ -262,107 +251,12 @@ class RoleLoop:
         dt = time.perf_counter() - t0
         while not self.publisher.idle():   # before other phases publish newer versions
             time.sleep(0.01)
-        return dt, 0.0, 0.0
+        return dt
 
     def close(self):
         left = self.publisher.stop()
         if left is not None:
             self.publisher.publish_now(*left)
-
-
-class ProposedLoop:
-    """PROTOTYPE of the learner loop proposed for learner/role.py + crl/learning.py (Updater), kept
-    as the benchmark's reference. The role now does the same with Updater.update_async and
-    learner/publisher.py (the loop itself samples and device_puts batch k+1 while call k
-    computes; it publishes at most every learner.publish_interval_s):
-
-    - a prefetch thread takes sampled batches and puts them on the device (jax.device_put) ahead
-      of the update that needs them (queue of 1);
-    - the update is dispatched asynchronously (Learner.update_many) and the metrics of call k are
-      read (float) only after call k+1 is dispatched, so the device never waits for the host's
-      checks (the non-finite check then runs one call late);
-    - publishing is taken off the critical path: after each call an on-device copy of the params
-      is handed to a publisher thread (a one-slot mailbox; versions it cannot keep up with are
-      skipped), which does the device->host copy, serialisation and sha256.
-    """
-
-    def __init__(self, updater, sampler, server, version):
-        import queue
-        import threading
-        self.updater, self.sampler, self.server, self.version = updater, sampler, server, version
-        self.batches = queue.Queue(maxsize=1)
-        self.stop = threading.Event()
-        self.mailbox = None
-        self.mail = threading.Condition()
-        self.published = 0
-        self.threads = [threading.Thread(target=self._prefetch, daemon=True),
-                        threading.Thread(target=self._publisher, daemon=True)]
-        self.active = threading.Event()
-        for t in self.threads:
-            t.start()
-
-    def _prefetch(self):
-        import queue
-        import jax
-        while not self.stop.is_set():
-            if not self.active.wait(0.1):
-                continue
-            try:
-                b = self.sampler.sample(timeout_s=1.0)
-            except Exception:   # noqa: BLE001 - timeouts while idle
-                continue
-            dev = jax.device_put({k: b.data[k] for k in ("state", "action", "episode_id")})
-            while not self.stop.is_set():
-                try:
-                    self.batches.put(dev, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-
-    def _publisher(self):
-        while not self.stop.is_set():
-            with self.mail:
-                self.mail.wait_for(lambda: self.mailbox is not None or self.stop.is_set(), 0.5)
-                item, self.mailbox = self.mailbox, None
-            if item is not None:
-                self.server.publish(item[1], item[0])
-                self.published += 1
-
-    def phase(self, calls: int, warm: int):
-        import jax
-        import jax.numpy as jnp
-        learner, up = self.updater.learner, self.updater
-        self.active.set()
-        t0 = None
-        prev = None
-        for i in range(warm + calls):
-            if i == warm:
-                if prev is not None:
-                    {k: float(v) for k, v in prev.items()}
-                    prev = None
-                t0 = time.perf_counter()
-            dev = self.batches.get(timeout=120)
-            up.state, metrics = learner.update_many(up.state, dev)          # async dispatch
-            snap = jax.tree_util.tree_map(jnp.copy, {"actor": up.state.actor_params,
-                                                     "critic": up.state.critic_params})
-            self.version[0] += 1
-            with self.mail:
-                self.mailbox = (self.version[0], snap)
-                self.mail.notify()
-            if prev is not None:
-                {k: float(v) for k, v in prev.items()}                  # call k-1 only
-            prev = metrics
-        {k: float(v) for k, v in prev.items()}
-        dt = time.perf_counter() - t0
-        self.active.clear()
-        return dt, 0.0, 0.0
-
-    def close(self):
-        self.stop.set()
-        with self.mail:
-            self.mail.notify_all()
-        for t in self.threads:
-            t.join(timeout=10)
 
 
 if __name__ == "__main__":

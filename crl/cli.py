@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import typing
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from crl import config as C
 

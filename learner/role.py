@@ -46,7 +46,6 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import prometheus_client as prom
 

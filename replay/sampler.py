@@ -21,7 +21,6 @@ import logging
 import math
 import queue
 import threading
-import time
 from typing import Dict, NamedTuple, Optional
 
 import numpy as np
@@ -87,7 +86,6 @@ class SegmentSampler:
 
     def _dataset(self):
         import reverb
-        import tensorflow as tf
         ds = reverb.TrajectoryDataset(
             server_address=self.address, table=self.table,
             dtypes={k: v.dtype for k, v in self.signature.items()},
@@ -107,7 +105,6 @@ class SegmentSampler:
         return False
 
     def _run(self):
-        import tensorflow as tf
         backoff = 0.1
         while not self._closed.is_set():
             try:

@@ -87,7 +87,6 @@ def stack(tmp_path_factory):
 
 def run_actor(stack, monkeypatch, stop_during: str):
     """Runs actors.role.run in a thread until STOP_AT dispatches or writes; returns the record."""
-    import jax
     from actors import role
     from crl.rollout import Unroller
     from replay import writer as writer_mod

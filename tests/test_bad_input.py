@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from crl.params_service import PROTOCOL_VERSION, ParameterClient, ParameterServer, signature_hash
-from protos import params_pb2, params_pb2_grpc
+from protos import params_pb2
 
 TIMEOUT_S = 5.0
 FUZZ_REQUESTS = 600

@@ -20,7 +20,6 @@ import textwrap
 import time
 
 import numpy as np
-import pytest
 
 from helpers import REPO, wait_for
 
@@ -133,7 +132,6 @@ def test_replay_sigkill_mid_checkpoint_restores_the_previous_complete_one(tmp_pa
     """A replay server SIGKILLed while writing a checkpoint: on restart the half-written one (no
     DONE) is skipped and the previous complete one is restored with all its items."""
     import reverb
-    from crl import config as C
     from crl.segments import segment_spec
     from replay import TABLE
     from replay.server import complete_checkpoints, verify_checkpoint

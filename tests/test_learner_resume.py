@@ -8,7 +8,6 @@ import json
 
 import jax
 import numpy as np
-import pytest
 
 from crl import config as C
 from crl.learning import make_learner

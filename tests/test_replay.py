@@ -411,6 +411,8 @@ def test_restore_edge_cases_in_process(tmp_path):
 def test_sampler_and_writer_unreachable_server_are_bounded():
     from replay import ReplayUnavailable
     from replay.sampler import SegmentSampler
+    import reverb            # noqa: F401  (its first import, seconds under load, is not the bound)
+    import tensorflow        # noqa: F401
     addr = f"127.0.0.1:{free_port()}"                # nothing listens there
     t0 = time.monotonic()
     with pytest.raises((ReplayTimeout, ReplayUnavailable)):

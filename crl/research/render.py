@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 

@@ -307,7 +307,7 @@ def build_report(root: str, out_dir: str, k: int = 5, figures: bool = True) -> D
            f"over seeds ± standard error (sample std / sqrt(n)). {len(runs)} runs in "
            f"{len(groups)} settings.", "", markdown_table(groups, extra, k), ""]
     if empty:
-        md += [f"Runs without any evaluation yet (left out): "
+        md += ["Runs without any evaluation yet (left out): "
                + ", ".join(r.name for r in empty), ""]
     md += ["## Runs", "", "| run | seed | status | last-5 mean | final | evaluations |",
            "|---|---|---|---|---|---|"]
