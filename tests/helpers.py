@@ -50,3 +50,15 @@ def write_all(writer, segs, timeout_s=240, until=None):
             except ReplayTimeout:
                 return until is not None and until()
         wait_for(attempt, timeout_s, "an insert")
+
+
+def small_learner_overrides(run_dir, base_port, **more):
+    """Config overrides of a tiny learner (width 32, 4 segments x 2 SGD steps per call) with
+    replay at base_port and params at base_port + 1; `more` (dotted keys) override these."""
+    return {
+        "run.run_dir": run_dir, "service.replay_address": f"127.0.0.1:{base_port}",
+        "service.params_address": f"127.0.0.1:{base_port + 1}",
+        "network.actor.width": 32, "network.critic.width": 32,
+        "algo.batch_size": 64, "learner.segments_per_call": 4, "learner.minibatches_per_call": 2,
+        "replay.min_size_steps": 400, "replay.capacity_steps": 20_000,
+        "learner.total_env_steps": 10**9, "learner.num_devices": 1, **more}

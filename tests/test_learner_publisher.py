@@ -17,8 +17,8 @@ import pytest
 
 from crl import config as C
 from crl.learning import Updater
-from helpers import (free_port_block, port_open, random_segments as segments, start_role,
-                     stop_process, wait_for, write_all)
+from helpers import (free_port_block, port_open, random_segments as segments,
+                     small_learner_overrides, start_role, stop_process, wait_for, write_all)
 from learner.publisher import ParamsPublisher
 
 LOG = logging.getLogger("test-publisher")
@@ -124,15 +124,8 @@ def role_setup(tmp_path, monkeypatch):
     """(cfg, replay writer, records, run_learner) with a fresh replay process."""
     import learner.role as role
     base = free_port_block(3)
-    overrides = {
-        "run.run_dir": tmp_path, "service.replay_address": f"127.0.0.1:{base}",
-        "service.params_address": f"127.0.0.1:{base + 1}",
-        "network.actor.width": 32, "network.critic.width": 32,
-        "algo.batch_size": 64, "learner.segments_per_call": 4, "learner.minibatches_per_call": 2,
-        "replay.min_size_steps": 400, "replay.capacity_steps": 20_000, "replay.utd": 0.2,
-        "learner.checkpoint_every": 10, "learner.total_env_steps": 10**9,
-        "learner.num_devices": 1, "learner.publish_interval_s": 0.0,
-    }
+    overrides = small_learner_overrides(tmp_path, base, **{
+        "replay.utd": 0.2, "learner.checkpoint_every": 10, "learner.publish_interval_s": 0.0})
     rec = {"states": [], "dispatch_t": [], "server": None, "slow_s": 0.3, "call_delay_s": 0.0}
 
     def record_state(updater, tag):

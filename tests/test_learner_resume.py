@@ -12,22 +12,16 @@ import numpy as np
 from crl import config as C
 from crl.learning import make_learner
 from crl.params_service import ParameterClient
-from helpers import (free_port_block, port_open, random_segments as segments, start_role,
-                     stop_process, wait_for, write_all)
+from helpers import (free_port_block, port_open, random_segments as segments,
+                     small_learner_overrides, start_role, stop_process, wait_for, write_all)
 from learner.checkpoint import LearnerCheckpointer
 
 
 def test_learner_resumes_from_checkpoint(tmp_path):
     from replay.writer import SegmentWriter
     base = free_port_block(4)
-    overrides = {
-        "run.run_dir": tmp_path, "service.replay_address": f"127.0.0.1:{base}",
-        "service.params_address": f"127.0.0.1:{base + 1}",
-        "network.actor.width": 32, "network.critic.width": 32,
-        "algo.batch_size": 64, "learner.segments_per_call": 4, "learner.minibatches_per_call": 2,
-        "replay.min_size_steps": 400, "replay.capacity_steps": 20_000, "replay.utd": 0.02,
-        "learner.checkpoint_every": 3, "learner.total_env_steps": 10**9, "learner.num_devices": 1,
-    }
+    overrides = small_learner_overrides(tmp_path, base, **{
+        "replay.utd": 0.02, "learner.checkpoint_every": 3})
     cfg = C.load(overrides=overrides)
     args = [f"--{k}={v}" for k, v in overrides.items()]
     rng = np.random.default_rng(0)
