@@ -118,6 +118,7 @@ def describe(cfg: C.Config) -> str:
              f"total: {counts['actor'] + counts['critic']:,} parameters "
              f"({4 * (counts['actor'] + counts['critic']) / 2**20:.1f} MiB float32; "
              f"x3 with Adam moments)"]
+    lines += [f"advice: {a}" for a in C.advice(cfg)]
     return "\n".join(lines)
 
 

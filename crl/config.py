@@ -424,6 +424,24 @@ def _errors(cfg: Config) -> List[str]:
     return errs
 
 
+def advice(cfg: Config) -> List[str]:
+    """Valid but wasteful settings, as sentences that name the fields (printed by `crl config`,
+    `crl local --dry-run` and logged by the learner at start); never an error."""
+    out = []
+    fetched = cfg.learner.segments_per_call * cfg.segment_length
+    used = cfg.learner.minibatches_per_call * cfg.algo.batch_size
+    if fetched > 2 * used:
+        out.append(
+            f"the learner samples learner.segments_per_call x segment length = "
+            f"{cfg.learner.segments_per_call} x {cfg.segment_length} = {fetched:,} transitions per "
+            f"call and trains on learner.minibatches_per_call x algo.batch_size = "
+            f"{cfg.learner.minibatches_per_call} x {cfg.algo.batch_size} = {used:,} of them "
+            f"({fetched / used:.1f}x over-fetch: replay-to-learner bandwidth, the bound at small "
+            f"depth on a GPU); raise minibatches_per_call to {-(-fetched // cfg.algo.batch_size)} "
+            f"or lower segments_per_call (docs/scaling.md)")
+    return out
+
+
 def validate(cfg: Config) -> Config:
     errs = _errors(cfg)
     if errs:

@@ -50,7 +50,7 @@ import numpy as np
 import prometheus_client as prom
 
 from crl import metrics as M
-from crl.config import Config
+from crl.config import Config, advice
 from crl.envs import make_env
 from crl.learning import Updater, all_finite, resolve_num_devices
 from crl.params_service import security_from_config, server_from_config
@@ -265,6 +265,8 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
              "call; publishing at most every %.2f s", num_devices, server.address,
              security.describe(), cfg.learner.segments_per_call, T,
              cfg.learner.publish_interval_s)
+    for line in advice(cfg):
+        log.warning("config: %s", line)
     if os.environ.get(FAULT_NAN_FILE_ENV):
         log.warning("TEST FAULT INJECTION armed: a NaN batch is injected whenever %s exists",
                     os.environ[FAULT_NAN_FILE_ENV])

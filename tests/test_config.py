@@ -106,3 +106,16 @@ def test_crl_local_with_a_bad_config_starts_nothing(tmp_path):
     assert "replay.utd = -1.0: must be > 0" in out.stderr
     assert "service.tls_cert = 'x.crt' / service.tls_key = ''" in out.stderr
     assert not run_dir.exists()                    # nothing started, nothing written
+
+
+def test_advice_names_an_over_fetching_learner_and_stays_quiet_otherwise():
+    from crl.cli import describe
+    wasteful = C.load(overrides={"env.name": "humanoid", "replay.min_size_steps": 64_000})
+    (line,) = C.advice(wasteful)         # 32 x 1000 sampled for 8 x 256 used
+    assert "32 x 1000 = 32,000" in line and "8 x 256 = 2,048" in line and "15.6x" in line
+    assert "raise minibatches_per_call to 125" in line
+    assert "advice: the learner samples" in describe(wasteful)
+    matched = C.load(overrides={"env.name": "humanoid", "replay.min_size_steps": 64_000,
+                                "learner.minibatches_per_call": 125})
+    assert C.advice(matched) == [] and "advice:" not in describe(matched)
+    assert C.advice(C.load()) == []      # the default point maze
