@@ -30,6 +30,12 @@ def _c(name: str) -> Callable[[Dict], object]:
     return lambda r: r["config"].get(name, "–")
 
 
+def _params_client(r: Dict) -> str:
+    """The params clients' settings: wire dtype, and whether they share a host cache."""
+    c = r["config"]
+    return c.get("wire_dtype", "float32") + (" + host cache" if c.get("host_cache") else "")
+
+
 def _table(rows: Sequence[Dict], cols: Sequence[Col], markdown: bool) -> str:
     cells = [[str(fn(r)) for _, fn in cols] for r in rows]
     heads = [h for h, _ in cols]
@@ -86,6 +92,7 @@ SECTIONS: Dict[str, Tuple[str, List[Col]]] = {
         ("sample env steps/s", _f("sample_env_steps_per_s", 0)), ("sample MB/s", _f("sample_mb_per_s", 1))]),
     "params": ("Params: publish -> actors (gRPC loopback)", [
         ("params", _c("params")), ("MB", _c("payload_mb")), ("clients", _c("clients")),
+        ("client", _params_client),
         ("publish s", _f("publish_s", 3)), ("latency s", _f("latency_s", 3)),
         ("max fetch s", _f("max_fetch_s", 3)), ("MB/s total", _f("mb_per_s", 0)),
         ("device_put s", _f("device_put_s", 3))]),
@@ -151,7 +158,7 @@ def targets(rows: Sequence[Dict]) -> List[Tuple[str, str, str]]:
                         _met(f["ratio_actor_bare"] >= 0.9)))
         elif b == "params" and r["config"]["clients"] >= 16 and r["config"]["params"] > 50e6:
             out.append((f"{r['config']['params'] / 1e6:.0f}M params reach {r['config']['clients']} "
-                        "actors on loopback < 2 s", f"{f.get('latency_s', float('nan')):.2f} s",
+                        f"actors on loopback < 2 s ({_params_client(r)})", f"{f.get('latency_s', float('nan')):.2f} s",
                         _met(f.get("latency_s", 99) < 2.0)))
         elif b == "end_to_end" and "ratio_env_steps" in f:
             ratio = min(f["ratio_env_steps"], f.get("ratio_sgd_steps", 0))
