@@ -225,20 +225,21 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _copy_params(state: TrainState) -> Dict[str, Any]:
-    """{"actor", "critic"}: fresh buffers (a jitted copy never aliases its inputs), so the next
+@jax.jit
+def copy_tree(tree):
+    """Fresh device buffers for every leaf (a jitted copy never aliases its inputs), so the next
     update, which donates the state's buffers, cannot invalidate them."""
-    return jax.tree_util.tree_map(jnp.copy, {"actor": state.actor_params,
-                                             "critic": state.critic_params})
+    return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-_copy_params_jit = jax.jit(_copy_params)
+def _params(state: TrainState) -> Dict[str, Any]:
+    return {"actor": state.actor_params, "critic": state.critic_params}
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _after_update(metrics, state: TrainState, snapshot: bool):
     finite = all_finite((metrics, state.actor_params, state.critic_params, state.log_alpha))
-    return finite, jnp.copy(state.steps), (_copy_params(state) if snapshot else None)
+    return finite, jnp.copy(state.steps), (copy_tree(_params(state)) if snapshot else None)
 
 
 class UpdateResult(NamedTuple):
@@ -290,7 +291,7 @@ class Updater:
     def params_snapshot(self) -> Dict[str, Any]:
         """A copy of the current {"actor", "critic"} params that later updates do not invalidate
         (dispatched asynchronously, like an update)."""
-        return _copy_params_jit(self.host_state())
+        return copy_tree(_params(self.host_state()))
 
     def host_state(self) -> TrainState:
         """The (unreplicated) TrainState, e.g. for checkpoints and publishing."""

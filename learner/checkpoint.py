@@ -13,14 +13,11 @@ import os
 from typing import Dict, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from crl.learning import TrainState
+from crl.learning import TrainState, copy_tree
 
 log = logging.getLogger("crl.learner.checkpoint")
-
-_copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
 class LearnerCheckpointer:
@@ -43,7 +40,7 @@ class LearnerCheckpointer:
         if step in self.manager.all_steps():
             self.manager.delete(step)
         if not wait:
-            state = _copy_tree(state)
+            state = copy_tree(state)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state._asdict()),
             counters=ocp.args.JsonSave({k: int(v) for k, v in counters.items()})))
