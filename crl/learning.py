@@ -232,14 +232,15 @@ def copy_tree(tree):
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
-def _params(state: TrainState) -> Dict[str, Any]:
+def params_of(state: TrainState) -> Dict[str, Any]:
+    """{"actor", "critic"}: the params the learner publishes."""
     return {"actor": state.actor_params, "critic": state.critic_params}
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _after_update(metrics, state: TrainState, snapshot: bool):
     finite = all_finite((metrics, state.actor_params, state.critic_params, state.log_alpha))
-    return finite, jnp.copy(state.steps), (copy_tree(_params(state)) if snapshot else None)
+    return finite, jnp.copy(state.steps), (copy_tree(params_of(state)) if snapshot else None)
 
 
 class UpdateResult(NamedTuple):
@@ -291,7 +292,7 @@ class Updater:
     def params_snapshot(self) -> Dict[str, Any]:
         """A copy of the current {"actor", "critic"} params that later updates do not invalidate
         (dispatched asynchronously, like an update)."""
-        return copy_tree(_params(self.host_state()))
+        return copy_tree(params_of(self.host_state()))
 
     def host_state(self) -> TrainState:
         """The (unreplicated) TrainState, e.g. for checkpoints and publishing."""

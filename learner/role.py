@@ -52,7 +52,7 @@ import prometheus_client as prom
 from crl import metrics as M
 from crl.config import Config, advice
 from crl.envs import make_env
-from crl.learning import Updater, all_finite, resolve_num_devices
+from crl.learning import Updater, all_finite, params_of, resolve_num_devices
 from crl.params_service import security_from_config, server_from_config
 from learner.checkpoint import LearnerCheckpointer
 from learner.publisher import ParamsPublisher
@@ -236,10 +236,6 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     publisher = ParamsPublisher(server, cfg.learner.publish_interval_s, log, on_published,
                                 lambda version: NONFINITE_PUBLISH.inc())
 
-    def current_params():
-        st = updater.host_state()
-        return {"actor": st.actor_params, "critic": st.critic_params}
-
     def state_finite() -> bool:
         st = updater.host_state()
         return bool(all_finite((st.actor_params, st.critic_params, st.log_alpha)))
@@ -251,7 +247,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         checkpointer.save(counters["update_calls"], updater.host_state(), counters, wait=wait)
         CHECKPOINT_SECONDS.set(time.perf_counter() - t0)
 
-    publisher.publish_now(counters["params_version"], current_params())
+    publisher.publish_now(counters["params_version"], params_of(updater.host_state()))
     publisher.start()
     if restored is None:
         checkpoint()   # a good state to roll back to from the very start
@@ -471,19 +467,16 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             counters["params_version"] += 1   # the final state was never offered
         checkpoint()     # first, so a version published is always covered by a checkpoint
         if publisher.published_version < counters["params_version"]:
-            publisher.publish_now(counters["params_version"], current_params())
+            publisher.publish_now(counters["params_version"], params_of(updater.host_state()))
     log.info("final checkpoint at update call %d (sgd_steps=%d), params version %d published",
              counters["update_calls"], loop["sgd_steps"], publisher.published_version)
 
-    def write_final():
-        after_prefill = counters["env_steps"] - cfg.replay.min_size_steps
-        with open(os.path.join(cfg.run.run_dir, "learner_final.json"), "w") as f:
-            json.dump({**counters, "sgd_steps": loop["sgd_steps"],
-                       "utd": loop["sgd_steps"] / after_prefill if after_prefill > 0 else None,
-                       "utd_target": cfg.replay.utd, "stopped_by": stopped_by,
-                       "exit_code": loop["exit"]}, f)
-
-    write_final()
+    after_prefill = counters["env_steps"] - cfg.replay.min_size_steps
+    with open(os.path.join(cfg.run.run_dir, "learner_final.json"), "w") as f:
+        json.dump({**counters, "sgd_steps": loop["sgd_steps"],
+                   "utd": loop["sgd_steps"] / after_prefill if after_prefill > 0 else None,
+                   "utd_target": cfg.replay.utd, "stopped_by": stopped_by,
+                   "exit_code": loop["exit"]}, f)
     if stopped_by == "budget" and not loop["exit"] and not cfg.learner.exit_at_budget:
         log.info("learner.exit_at_budget is false: serving params version %d until stopped",
                  publisher.published_version)
