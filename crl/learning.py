@@ -50,7 +50,7 @@ def critic_loss(critic_params, nets: CRLNetworks, batch, logsumexp_penalty: floa
         g = jax.lax.all_gather(g, axis_name, tiled=True)                     # [B, D]
     else:
         offset = 0
-    logits = pairwise_energy(sa, g)                                          # [b, B]
+    logits = pairwise_energy(sa, g, offset)   # [b, B]; positives (exact) at [i, offset + i]
     labels = offset + jnp.arange(sa.shape[0])
     positive = logits[jnp.arange(sa.shape[0]), labels]
     lse = jax.nn.logsumexp(logits, axis=1)
@@ -235,6 +235,23 @@ def copy_tree(tree):
 def params_of(state: TrainState) -> Dict[str, Any]:
     """{"actor", "critic"}: the params the learner publishes."""
     return {"actor": state.actor_params, "critic": state.critic_params}
+
+
+# Published beside the params of every version (subset "progress"): where on the paper's axes
+# that version stands, so an evaluator anywhere can place its result at the version's env steps.
+PROGRESS_KEY = "progress"
+
+
+def progress_of(env_steps: int, sgd_steps: int) -> Dict[str, Any]:
+    """{"env_steps", "sgd_steps"} as int64 scalars (host arrays: never on the device)."""
+    import numpy as np
+    return {"env_steps": np.asarray(env_steps, np.int64),
+            "sgd_steps": np.asarray(sgd_steps, np.int64)}
+
+
+def progress_template() -> Dict[str, Any]:
+    """The params client's template of the progress subset."""
+    return {PROGRESS_KEY: progress_of(0, 0)}
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

@@ -131,20 +131,52 @@ def deterministic_action(mean):
     return jnp.tanh(mean)
 
 
-def pairwise_energy(sa_repr, g_repr):
-    """Logits f[i, j] = -||phi_i - psi_j||_2 for [B, D] x [B', D] -> [B, B'].
+# Number of nearest non-positive goals per row whose distance pairwise_energy recomputes exactly.
+EXACT_NEIGHBOURS = 4
+_CLAMP = 1e-12   # squared distance floor: the gradient of sqrt at 0 is infinite
 
-    ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y is a matmul instead of a [B, B', D] tensor; it is
-    clamped before the square root, whose gradient at 0 is infinite.
+
+def _sq_dist(x, y):
+    """||x - y||^2 over the last axis, from the elementwise difference (exact in float32)."""
+    return jnp.sum((x - y) ** 2, -1)
+
+
+def pairwise_energy(sa_repr, g_repr, positive_offset=0, exact_neighbours: int = EXACT_NEIGHBOURS):
+    """Logits f[i, j] = -||phi_i - psi_j||_2 for [b, D] x [B, D] -> [b, B].
+
+    Row i's positive is column positive_offset + i (an int or a traced scalar; b + offset <= B).
+    ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y is a matmul instead of a [b, B, D] tensor, but it
+    cancels when a pair is close relative to its norms (norm 10, 0.01 apart: tens of percent off
+    in float32). So: (1) both sides are centred on the goals' mean (the distance is translation
+    invariant: a common offset of the representations costs nothing), (2) the dot runs at
+    Precision.HIGHEST (not TF32/bf16 passes on GPUs), (3) the positives and each row's
+    `exact_neighbours` nearest other goals (near-duplicate goals: the negatives where the
+    expansion cancels) are recomputed from the elementwise difference of their rows, O(b k D).
+    The squared distance is clamped before the square root, whose gradient at 0 is infinite.
     """
-    sq = (jnp.sum(sa_repr ** 2, -1)[:, None] + jnp.sum(g_repr ** 2, -1)[None, :]
-          - 2.0 * sa_repr @ g_repr.T)
-    return -jnp.sqrt(jnp.maximum(sq, 1e-12))
+    b, n = sa_repr.shape[0], g_repr.shape[0]
+    if isinstance(positive_offset, int) and not 0 <= positive_offset <= n - b:
+        raise ValueError(f"positives at columns {positive_offset}..{positive_offset + b - 1} "
+                         f"of a [{b}, {n}] logit matrix")
+    centre = jax.lax.stop_gradient(jnp.mean(g_repr, 0))   # any centre gives the same distances
+    x, y = sa_repr - centre, g_repr - centre
+    sq = (jnp.sum(x ** 2, -1)[:, None] + jnp.sum(y ** 2, -1)[None, :]
+          - 2.0 * jnp.dot(x, y.T, precision=jax.lax.Precision.HIGHEST))
+    rows = jnp.arange(b)
+    cols = positive_offset + rows
+    k = min(exact_neighbours, n - 1)
+    if k > 0:
+        near = jax.lax.stop_gradient(sq).at[rows, cols].set(jnp.inf)
+        _, idx = jax.lax.top_k(-near, k)                                  # [b, k]
+        sq = sq.at[rows[:, None], idx].set(_sq_dist(sa_repr[:, None, :], g_repr[idx]))
+    g_pos = jax.lax.dynamic_slice_in_dim(g_repr, positive_offset, b)
+    sq = sq.at[rows, cols].set(_sq_dist(sa_repr, g_pos))
+    return -jnp.sqrt(jnp.maximum(sq, _CLAMP))
 
 
 def rowwise_energy(sa_repr, g_repr):
-    """f[i] = -||phi_i - psi_i||_2 for paired rows -> [B]."""
-    return -jnp.sqrt(jnp.maximum(jnp.sum((sa_repr - g_repr) ** 2, -1), 1e-12))
+    """f[i] = -||phi_i - psi_i||_2 for paired rows -> [B] (elementwise: exact)."""
+    return -jnp.sqrt(jnp.maximum(_sq_dist(sa_repr, g_repr), _CLAMP))
 
 
 class CRLNetworks:
