@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +128,91 @@ def test_tanh_gaussian_log_prob_and_bounds():
     expected = (-0.5 * 0.7 ** 2 - (-0.5) - 0.5 * np.log(2 * np.pi)) - np.log(1 - np.tanh(u) ** 2 + 1e-6)
     np.testing.assert_allclose(a, np.tanh(u), rtol=1e-6)
     np.testing.assert_allclose(lp, [expected], rtol=1e-5)
+
+
+# --- exact numerics of the energy (issue 11, item 5) -------------------------------------------
+def _elementwise_energy(x, y):
+    """The oracle: -||x_i - y_j|| from the [b, B, D] difference tensor (the authors' form)."""
+    return -jnp.sqrt(jnp.sum((x[:, None, :] - y[None, :, :]) ** 2, -1))
+
+
+def _expansion_energy(x, y):
+    """The former form: ||x||^2 + ||y||^2 - 2 x.y, default-precision dot."""
+    sq = jnp.sum(x ** 2, -1)[:, None] + jnp.sum(y ** 2, -1)[None, :] - 2.0 * x @ y.T
+    return -jnp.sqrt(jnp.maximum(sq, 1e-12))
+
+
+def _close_pairs(norm, b=32, d=16, dist=0.01, duplicate_goals=False, seed=0):
+    """Representations of norm `norm` in random directions, positives `dist` apart; with
+    duplicate_goals, goals 2i and 2i + 1 are the same row (a negative as close as the positive)."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    u = jax.random.normal(k1, (b, d))
+    e = jax.random.normal(k2, (b, d))
+    if duplicate_goals:
+        u = u.at[1::2].set(u[0::2])
+    x = norm * u / jnp.linalg.norm(u, axis=1, keepdims=True)
+    y = x + dist * e / jnp.linalg.norm(e, axis=1, keepdims=True)
+    if duplicate_goals:
+        y = y.at[1::2].set(y[0::2])
+    return x, y
+
+
+def _rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _values_and_grads(energy, x, y, offset):
+    """Logits and the gradients (x, y) of a generic scalar of them: a fixed random cotangent plus
+    the rows' logsumexp."""
+    def scalar(a, b):
+        logits = energy(a, b, offset)
+        w = jax.random.normal(jax.random.PRNGKey(7), logits.shape)
+        return jnp.sum(w * logits) + jnp.sum(jax.nn.logsumexp(logits, 1))
+    return energy(x, y, offset), jax.grad(scalar, argnums=(0, 1))(x, y)
+
+
+def _oracle(x, y, offset):
+    return _elementwise_energy(x, y)
+
+
+def _check_against_oracle(x, y, tol=1e-4, offset=0):
+    ref, g_ref = _values_and_grads(_oracle, x, y, offset)
+    got, g_got = _values_and_grads(pairwise_energy, x, y, offset)
+    rel = np.abs(np.asarray(got, np.float64) - ref) / np.abs(np.asarray(ref, np.float64))
+    assert rel.max() < tol, rel.max()
+    for gr, gg in zip(g_ref, g_got):
+        assert _rel_err(gg, gr) < tol, _rel_err(gg, gr)
+
+
+@pytest.mark.parametrize("norm", [10.0, 30.0])
+def test_energy_exact_for_close_pairs_at_large_norm(norm):
+    """Positives 0.01 apart at norm 10 / 30: logits and gradients within 1e-4 relative of the
+    elementwise form; the plain expansion is visibly off there (so the test can fail)."""
+    x, y = _close_pairs(norm)
+    _check_against_oracle(x, y)
+    assert _rel_err(jnp.diag(_expansion_energy(x, y)), jnp.diag(_elementwise_energy(x, y))) > 1e-2
+
+
+@pytest.mark.parametrize("norm", [10.0, 30.0])
+def test_energy_exact_for_duplicate_goals_and_common_offset(norm):
+    """Off the diagonal: a goal duplicated in the batch (a negative as close as the positive) and
+    representations sharing a large common offset (spread 1, norm `norm`)."""
+    x, y = _close_pairs(norm, duplicate_goals=True)
+    _check_against_oracle(x, y)
+    u = jax.random.normal(jax.random.PRNGKey(4), (24, 16))
+    base = norm * u[0] / jnp.linalg.norm(u[0])
+    x = base + 0.05 * u[:12]
+    _check_against_oracle(x, base + 0.05 * u[12:])
+    # positives at an offset (this device's rows of a pmap'ed batch): [6, 12] logits
+    _check_against_oracle(x[3:9], x + 0.01, offset=3)
+
+
+def test_energy_dot_at_full_precision_in_hlo():
+    """The logits' dot is lowered with precision HIGHEST (no TF32 / bf16 passes on GPUs), in the
+    forward pass and in the gradient."""
+    x, y = jnp.ones((12, 8)), jnp.ones((12, 8))
+    for f in (pairwise_energy, jax.grad(lambda a, b: jnp.sum(pairwise_energy(a, b)), (0, 1))):
+        dots = [l for l in jax.jit(f).lower(x, y).as_text().splitlines() if "dot_general" in l]
+        assert dots and all("precision = [HIGHEST, HIGHEST]" in l for l in dots), dots
