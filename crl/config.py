@@ -99,6 +99,7 @@ class EvalConfig:
     num_envs: int = 64
     interval_s: float = 10.0            # how often the evaluator looks for newer params
     far_goals: bool = False             # the paper's far-goal evaluation variant
+    goal_set: Literal["train", "eval"] = "train"   # "eval": the env's `_eval` layout (authors')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -372,6 +373,9 @@ def _errors(cfg: Config) -> List[str]:
 
     positive("eval.num_envs", cfg.eval.num_envs)
     positive("eval.interval_s", cfg.eval.interval_s)
+    spec = ENV_SPECS.get(cfg.env.name)   # eval.goal_set = "eval" needs an env with an eval layout
+    if cfg.eval.goal_set == "eval" and spec is not None and spec.eval_kwargs is None:
+        errs.append(f"eval.goal_set = 'eval': env {cfg.env.name!r} has no eval layout; use 'train'")
     positive("service.rpc_timeout_s", cfg.service.rpc_timeout_s)
     positive("service.max_message_mb", cfg.service.max_message_mb)
     if not 1 <= cfg.service.params_max_workers <= 4096:

@@ -65,7 +65,8 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
     updater = Updater(cfg, env.state_dim, env.action_size, env.goal_indices, k_learner,
                       num_devices=max(cfg.learner.num_devices, 1))
     unroller = Unroller(env, updater.learner.nets, cfg.env.num_envs, cfg.episode_length)
-    eval_unroller = Unroller(make_env(cfg.env.name, far_goals=cfg.eval.far_goals),
+    eval_unroller = Unroller(make_env(cfg.env.name, far_goals=cfg.eval.far_goals,
+                                      goal_set=cfg.eval.goal_set),
                              updater.learner.nets, cfg.eval.num_envs, cfg.episode_length)
     T = cfg.segment_length
     store = SegmentStore(max(cfg.replay.capacity_steps // T, cfg.env.num_envs), {

@@ -40,7 +40,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     log = log or M.setup_logging("evaluator")
     stop = stop or threading.Event()
     security = security_from_config(cfg.service)   # fail fast on a missing Secret
-    env = make_env(cfg.env.name, far_goals=cfg.eval.far_goals)
+    env = make_env(cfg.env.name, far_goals=cfg.eval.far_goals, goal_set=cfg.eval.goal_set)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
     template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
     unroller = Unroller(env, nets, cfg.eval.num_envs, cfg.episode_length)

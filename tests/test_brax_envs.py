@@ -17,7 +17,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Accessing `.*` directly from `Data` is deprecated"),
 ]
 
-from crl.envs import make_env, mazes  # noqa: E402
+from crl.envs import ENV_SPECS, has_eval_goal_set, make_env, mazes  # noqa: E402
 from crl.envs.ant import (Ant, AntMaze, maze_goal_centres, merged_wall_rects,  # noqa: E402
                           wall_geom_boxes)
 from crl.envs.humanoid import TARGET_Z, Humanoid, HumanoidMaze  # noqa: E402
@@ -131,6 +131,22 @@ def test_humanoid_state_layout(humanoid):
     assert np.all(masses > 0) and masses[-1] == pytest.approx(1.0)
 
 
+def test_physics_step_as_the_authors_brax_integrates(ant, ant_maze, humanoid, humanoid_maze):
+    """Brax 0.10.1 (the authors' pin) steps the spring pipeline by `sys.dt`: the ants' and the
+    humanoid mazes' `sys.replace(dt=...)` takes effect (0.005, 0.0015), the open humanoid's
+    `opt.timestep` = 0.0015 does not (its XML's 0.003 stays). 10 substeps each."""
+    for j, sub in ((ant, 0.005), (ant_maze, 0.005), (humanoid, 0.003), (humanoid_maze, 0.0015)):
+        assert float(j.env.sys.opt.timestep) == pytest.approx(sub)
+        assert float(j.env.dt) == pytest.approx(10 * sub)
+    # one env step at 1 m/s forward moves the torso by about dt
+    for j, dt in ((humanoid, 0.03), (humanoid_maze, 0.015)):
+        env = j.env
+        qd = jnp.zeros(env.sys.qd_size()).at[0].set(1.0)
+        s = j.reset_to(env.sys.init_q, qd, jnp.array([0.0, 4.0, TARGET_Z]))
+        dx = _torso_pos(j.step(s, jnp.zeros(17)))[0] - _torso_pos(s)[0]
+        assert 0.7 * dt < dx < 1.3 * dt, (dx, dt)
+
+
 # ---------------------------------------------------------------------------------------------
 # success and termination
 # ---------------------------------------------------------------------------------------------
@@ -237,7 +253,7 @@ def _cell_of(xy, maze, cell_size):
 
 @pytest.mark.parametrize("cls,maze,cell", [(AntMaze, "u4", 4.0), (AntMaze, "big", 4.0),
                                            (HumanoidMaze, "u", 2.0)])
-def test_maze_goals_in_free_cells_and_far_is_farther(cls, maze, cell):
+def test_maze_goals_at_goal_cell_centres_and_far_is_farther(cls, maze, cell):
     start = mazes.start_cell(maze)
     bfs = mazes.shortest_path_cells(maze, start)
     grid = mazes.grid(maze)
@@ -249,8 +265,7 @@ def test_maze_goals_in_free_cells_and_far_is_farther(cls, maze, cell):
         assert not grid[cells[:, 0], cells[:, 1]].any()                   # never in a wall
         assert not np.all(cells == np.array(start), axis=1).any()         # never the start cell
         centres = (cells - np.array(start)) * cell
-        assert np.abs(g[:, :2] - centres).max() <= cell / 8 + 1e-5        # small noise
-        assert np.abs(g[:, :2] - centres).max() > 0                       # ... but some
+        np.testing.assert_array_equal(g[:, :2], centres)    # exact centres, as the authors
         means[far] = bfs[cells[:, 0], cells[:, 1]].mean()
         if far:
             d = bfs[~grid]
@@ -266,6 +281,82 @@ def test_maze_goal_centres_far_third():
         allc, farc = maze_goal_centres(maze, 4.0, False), maze_goal_centres(maze, 4.0, True)
         assert len(allc) == (~mazes.grid(maze)).sum() - 1
         assert np.ceil(len(allc) / 3) <= len(farc) < len(allc)
+    # an eval layout: its goal cells, in the training maze's frame
+    ev = maze_goal_centres("u4", 4.0, False, "u4_eval")
+    np.testing.assert_array_equal(ev, [[8, 0], [12, 0], [12, 4], [12, 8]])
+    with pytest.raises(ValueError, match="different walls"):
+        maze_goal_centres("u4", 4.0, False, "u5_eval")
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts: pinned to the authors' code (scaling-crl envs/ant_maze.py, envs/humanoid_maze.py),
+# transcribed in its own notation: rows are x, columns y; 1 wall, 0 free, r start, g goal cell
+# ---------------------------------------------------------------------------------------------
+
+AUTHORS = {
+    "u": ["11111", "1rgg1", "111g1", "1ggg1", "11111"],
+    "u_eval": ["11111", "1r001", "11101", "1ggg1", "11111"],
+    "u4": ["11111", "1ggg1", "1r1g1", "111g1", "1g1g1", "1ggg1", "11111"],
+    "u4_eval": ["11111", "10001", "1r101", "11101", "1g101", "1ggg1", "11111"],
+    "u5": ["11111111", "1gggggg1", "1r1111g1", "111111g1", "1g1111g1", "1gggggg1", "11111111"],
+    "u5_eval": ["11111111", "10000001", "1r111101", "11111101", "1g1111g1", "1gggggg1",
+                "11111111"],
+    "big": ["11111111", "1rg11gg1", "1gg1ggg1", "11ggg111", "1gg1ggg1", "1g1gg1g1", "1ggg1gg1",
+            "11111111"],
+    "big_eval": ["11111111", "1r011gg1", "100100g1", "11000111", "10010001", "101g01g1",
+                 "10gg1gg1", "11111111"],
+    "humanoid_big_eval": ["11111111", "1r011gg1", "10010gg1", "11000111", "10010001",
+                          "101g01g1", "10gg1gg1", "11111111"],
+    "hardest": ["111111111111", "1rggg1ggggg1", "1g11g1g1g1g1", "1gggggg1ggg1", "1g1111g111g1",
+                "1gg1g1ggggg1", "11g1g1g1g111", "1gg1ggg1ggg1", "111111111111"],
+}
+# env -> (training layout, eval layout or None, cell size, farthest goal by BFS path in cells,
+#         farthest goal in a straight line in cells)
+PAPER_MAZES = {
+    "ant_u4_maze": ("u4", "u4_eval", 4.0, 10, 2.0),
+    "ant_u5_maze": ("u5", "u5_eval", 4.0, 16, 2.0),
+    "ant_big_maze": ("big", "big_eval", 4.0, 11, None),
+    "ant_hardest_maze": ("hardest", None, 4.0, 15, None),
+    "humanoid_u_maze": ("u", "u_eval", 2.0, 6, 2.0),
+    "humanoid_big_maze": ("big", "humanoid_big_eval", 2.0, 11, None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_layout_is_the_authors(name):
+    rows = AUTHORS[name]
+    np.testing.assert_array_equal(mazes.grid(name), [[c == "1" for c in r] for r in rows])
+    starts = [(i, r.index("r")) for i, r in enumerate(rows) if "r" in r]
+    assert [mazes.start_cell(name)] == starts
+    goals = [(i, j) for i, r in enumerate(rows) for j, c in enumerate(r) if c == "g"]
+    assert [tuple(c) for c in mazes.goal_cells(name)] == goals
+
+
+@pytest.mark.parametrize("env_name", sorted(PAPER_MAZES))
+def test_paper_maze_envs_use_the_authors_layouts(env_name):
+    train, ev, cell, far_path, far_line = PAPER_MAZES[env_name]
+    spec = ENV_SPECS[env_name]
+    assert dict(spec.kwargs)["maze"] == train
+    assert has_eval_goal_set(env_name) == (ev is not None)
+    if ev is not None:
+        assert dict(spec.eval_kwargs) == {"goal_layout": ev}
+        mazes.check_same_maze(train, ev)
+    start = mazes.start_cell(train)
+    bfs = mazes.shortest_path_cells(train, start)
+    cells = mazes.goal_cells(train)
+    d = bfs[cells[:, 0], cells[:, 1]]
+    assert d.min() > 0 and d.max() == far_path
+    if far_line is not None:   # the farthest goal by path is close in a straight line
+        far = cells[d == far_path]
+        assert len(far) == 1 and np.linalg.norm(far[0] - np.array(start)) == far_line
+    # the eval goal set holds the farthest goal of the training maze
+    if ev is not None:
+        ec = mazes.goal_cells(ev)
+        assert bfs[ec[:, 0], ec[:, 1]].max() == far_path
+        assert len(ec) < len(cells) and set(map(tuple, ec)) <= set(map(tuple, cells))
+    cls = AntMaze if env_name.startswith("ant") else HumanoidMaze
+    assert cls.__init__.__kwdefaults__["cell_size"] == cell
+    assert cls.__init__.__kwdefaults__["goal_noise"] == 0.0
 
 
 @pytest.mark.parametrize("name", ["ant", "humanoid"])
@@ -389,6 +480,39 @@ def test_registry_builds_locomotion_envs():
         assert type(env) is cls and env.far_goals
     assert make_env("ant_hardest_maze").maze == "hardest"
     assert make_env("humanoid_big_maze").cell_size == 2.0
+
+
+def test_make_env_eval_goal_set():
+    env = make_env("ant_u4_maze", goal_set="eval")
+    assert env.maze == "u4" and env.goal_layout == "u4_eval"
+    np.testing.assert_array_equal(env.goal_centres, [[8, 0], [12, 0], [12, 4], [12, 8]])
+    g = _goals(env, n=256)
+    assert {tuple(x) for x in g.tolist()} == {(8, 0), (12, 0), (12, 4), (12, 8)}
+    hum = make_env("humanoid_big_maze", goal_set="eval")
+    cells = (hum.goal_centres / 2.0).astype(int) + np.array(mazes.start_cell("big"))
+    assert {tuple(c) for c in cells} == {tuple(c) for c in mazes.goal_cells("humanoid_big_eval")}
+    assert make_env("humanoid_u_maze", goal_set="train").goal_layout == "u"
+    for name in ("ant", "humanoid", "ant_hardest_maze", "point_maze_u", "arm_push_easy"):
+        assert not has_eval_goal_set(name)
+        with pytest.raises(ValueError, match="no eval goal set"):
+            make_env(name, goal_set="eval")
+    with pytest.raises(ValueError, match="goal_set"):
+        make_env("ant_u4_maze", goal_set="test")
+
+
+def test_config_eval_goal_set_is_validated():
+    from pathlib import Path
+
+    from crl import config as C
+    paper = Path(__file__).resolve().parents[1] / "presets" / "paper"
+    assert C.Config().eval.goal_set == "train"
+    for env_name, (_, ev, *_) in PAPER_MAZES.items():   # the paper presets select the eval set
+        cfg = C.load(str(paper / f"{env_name}.yaml"))
+        assert cfg.eval.goal_set == ("train" if ev is None else "eval"), env_name
+    with pytest.raises(C.ConfigError, match=r"eval\.goal_set.*ant_hardest_maze.*no eval layout"):
+        C.load(str(paper / "ant_hardest_maze.yaml"), {"eval.goal_set": "eval"})
+    with pytest.raises(C.ConfigError, match=r"eval\.goal_set"):
+        C.load(None, {"eval.goal_set": "test"})
 
 
 # ---------------------------------------------------------------------------------------------

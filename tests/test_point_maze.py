@@ -266,3 +266,16 @@ def test_constructor_validation_and_scaling():
     assert env.goal_reach_thresh == 2.0 and env.agent_radius == pytest.approx(0.6)
     assert env.max_step == pytest.approx(0.8)
     np.testing.assert_allclose(env.walls, mazes.wall_boxes("u4", 4.0))
+
+
+def test_goal_cells_of_layouts():
+    # Without 'G' marks (the open room) every free cell but the start is a goal cell.
+    free = {tuple(c) for c in mazes.free_cells("open")} - {mazes.start_cell("open")}
+    assert {tuple(c) for c in mazes.goal_cells("open")} == free
+    # With them, only the marked cells: the point mass draws goals from the same cells.
+    env = PointMaze("u4_eval")
+    assert [tuple(c) for c in env.goal_cells] == [(4, 1), (5, 1), (5, 2), (5, 3)]
+    np.testing.assert_array_equal(env.goal_cell_dist, [10, 9, 8, 7])
+    # point_maze_u4 is the authors' 7 x 5 U4: the farthest goal is 10 cells away by path.
+    u4 = make_env("point_maze_u4")
+    assert mazes.grid(u4.maze).shape == (7, 5) and u4.goal_cell_dist.max() == 10

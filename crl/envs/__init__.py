@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,10 +17,14 @@ class EnvSpec:
     kwargs: Tuple[Tuple[str, Any], ...] = ()
     episode_length: int = 1000   # the paper's default episode length for this env
     physics: bool = True   # False for the pure-JAX point mass
+    # Constructor overrides of the evaluation goal set (make_env(..., goal_set="eval")): the
+    # env's `_eval` layout in the authors' code. None: the env has no eval goal set.
+    eval_kwargs: Optional[Tuple[Tuple[str, Any], ...]] = None
 
 
-def _spec(module, cls, episode_length=1000, physics=True, **kwargs) -> EnvSpec:
-    return EnvSpec(module, cls, tuple(sorted(kwargs.items())), episode_length, physics)
+def _spec(module, cls, episode_length=1000, physics=True, eval_kwargs=None, **kwargs) -> EnvSpec:
+    ev = None if eval_kwargs is None else tuple(sorted(eval_kwargs.items()))
+    return EnvSpec(module, cls, tuple(sorted(kwargs.items())), episode_length, physics, ev)
 
 
 ENV_SPECS: Dict[str, EnvSpec] = {
@@ -32,13 +36,18 @@ ENV_SPECS: Dict[str, EnvSpec] = {
     "point_maze_hardest": _spec("point_maze", "PointMaze", 300, False, maze="hardest"),
     # Brax locomotion (spring pipeline).
     "ant": _spec("ant", "Ant"),
-    "ant_u4_maze": _spec("ant", "AntMaze", maze="u4"),
-    "ant_u5_maze": _spec("ant", "AntMaze", maze="u5"),
-    "ant_big_maze": _spec("ant", "AntMaze", maze="big"),
+    # Mazes: the authors' layouts; goal_set="eval" = their `_eval` layout (same walls and start,
+    # the far goal cells only). Their hardest maze has no eval layout.
+    "ant_u4_maze": _spec("ant", "AntMaze", maze="u4", eval_kwargs={"goal_layout": "u4_eval"}),
+    "ant_u5_maze": _spec("ant", "AntMaze", maze="u5", eval_kwargs={"goal_layout": "u5_eval"}),
+    "ant_big_maze": _spec("ant", "AntMaze", maze="big",
+                          eval_kwargs={"goal_layout": "big_eval"}),
     "ant_hardest_maze": _spec("ant", "AntMaze", maze="hardest"),
     "humanoid": _spec("humanoid", "Humanoid"),
-    "humanoid_u_maze": _spec("humanoid", "HumanoidMaze", maze="u"),
-    "humanoid_big_maze": _spec("humanoid", "HumanoidMaze", maze="big"),
+    "humanoid_u_maze": _spec("humanoid", "HumanoidMaze", maze="u",
+                             eval_kwargs={"goal_layout": "u_eval"}),
+    "humanoid_big_maze": _spec("humanoid", "HumanoidMaze", maze="big",
+                               eval_kwargs={"goal_layout": "humanoid_big_eval"}),
     # Manipulation (MJX), arm built from primitives.
     "arm_push_easy": _spec("arm", "ArmPush", hard=False),
     "arm_push_hard": _spec("arm", "ArmPush", hard=True),
@@ -50,15 +59,29 @@ def env_names():
     return sorted(ENV_SPECS)
 
 
-def make_env(name: str, *, far_goals: bool = False, **overrides):
+def has_eval_goal_set(name: str) -> bool:
+    """Whether env `name` has an evaluation goal set (make_env(name, goal_set="eval"))."""
+    return ENV_SPECS[name].eval_kwargs is not None
+
+
+def make_env(name: str, *, far_goals: bool = False, goal_set: str = "train", **overrides):
     """Builds the raw (unwrapped, single) environment `name`.
 
-    far_goals: the evaluation variant of the paper (goals sampled far from the start).
+    far_goals: goals only among the farthest third of the goal set (BFS path in mazes).
+    goal_set: "train" (the training goal distribution) or "eval" (the env's `_eval` layout in the
+      authors' code, on which their jobs evaluate; ValueError for an env without one).
     """
     if name not in ENV_SPECS:
         raise ValueError(f"unknown env {name!r}; choose one of {env_names()}")
     spec = ENV_SPECS[name]
+    if goal_set not in ("train", "eval"):
+        raise ValueError(f"goal_set must be 'train' or 'eval', got {goal_set!r}")
     module = importlib.import_module(f"crl.envs.{spec.module}")
     kwargs = dict(spec.kwargs)
+    if goal_set == "eval":
+        if spec.eval_kwargs is None:
+            raise ValueError(f"env {name!r} has no eval goal set (goal_set='eval'); envs with "
+                             f"one: {[n for n in env_names() if has_eval_goal_set(n)]}")
+        kwargs.update(spec.eval_kwargs)
     kwargs.update(overrides)
     return getattr(module, spec.cls)(far_goals=far_goals, **kwargs)

@@ -1,7 +1,9 @@
 """Goal-conditioned Brax Ant and Ant mazes (spring pipeline), after the JaxGCRL benchmark.
 
 Model: Brax's bundled `ant.xml` (loaded through Brax's own resource path, never the working
-directory), spring pipeline with timestep 0.005 and 10 substeps (dt = 0.05 s per env step).
+directory), spring pipeline with timestep 0.005 and 10 substeps (dt = 0.05 s per env step), as
+the authors' code integrates it (its `sys.replace(dt=0.005)` sets the step Brax 0.10.1's spring
+pipeline uses).
 
 State (29 = `state_dim`):  q[0:15] (torso x, y, z, torso quaternion w, x, y, z, 8 hinge angles)
                            ++ qd[0:14] (torso linear velocity, angular velocity, 8 hinge rates).
@@ -17,16 +19,18 @@ Goals: `Ant` draws the goal uniformly on the circle of radius 10 around the orig
 `far_goals=True` keeps that circle: every Ant goal is already at the same (far) distance, and the
 reference benchmark has no separate far variant for the open-field ant.
 
-`AntMaze`: the same robot in a maze of `crl.envs.mazes` (cell size 4, start cell = origin). Walls
+`AntMaze`: the same robot in a maze of `crl.envs.mazes` (cell size 4, start cell = origin; the
+layouts of the authors' code). Walls
 are static boxes in the MJCF world body covering exactly the wall cells of
 `mazes.wall_boxes(maze, 4)`; by default adjacent wall cells are merged into larger boxes (same
 union, ~4-6x faster stepping than one box per cell, no snag edges between neighbouring cells;
 `merge_walls=False` gives one box per cell). Walls collide with the torso sphere and the four
 feet, not with each other or the floor (the reference also lets the four hip capsules touch
-walls; they are left out here for speed, see `_customise_xml`). The goal is the centre of a free
-cell other than the start cell, plus uniform noise of +-`goal_noise` (default cell_size / 8) per
-coordinate; `far_goals=True` restricts the cells to the third of them farthest from the start by
-BFS path length (ties at the cut-off included).
+walls; they are left out here for speed, see `_customise_xml`). The goal is the exact centre of
+a uniformly drawn goal cell of `goal_layout` (default: the maze itself; `make_env(...,
+goal_set="eval")` passes the maze's `_eval` layout, as the authors evaluate), plus uniform noise
+of +-`goal_noise` per coordinate (default 0, as the authors); `far_goals=True` restricts the cells
+to the third of them farthest from the start by BFS path length (ties at the cut-off included).
 """
 from __future__ import annotations
 
@@ -116,13 +120,17 @@ def add_wall_geoms(root: ET.Element, boxes: np.ndarray, height: float,
         })
 
 
-def maze_goal_centres(maze: str, cell_size: float, far: bool) -> np.ndarray:
-    """[n, 2] float32 centres of the goal cells: every free cell except the start cell; with
-    far=True only the ceil(n/3) farthest of those by BFS path length (plus ties)."""
-    cells = mazes.free_cells(maze)
-    centres = mazes.cell_centres(maze, cell_size)
-    start = mazes.start_cell(maze)
-    dist = mazes.shortest_path_cells(maze, start)[cells[:, 0], cells[:, 1]]
+def maze_goal_centres(maze: str, cell_size: float, far: bool,
+                      goal_layout: Optional[str] = None) -> np.ndarray:
+    """[n, 2] float32 centres of the goal cells of `goal_layout` (default: `maze`; an `_eval`
+    layout with the same walls and start), in `maze`'s frame; with far=True only the ceil(n/3)
+    farthest of those by BFS path length (plus ties)."""
+    goal_layout = maze if goal_layout is None else goal_layout
+    mazes.check_same_maze(maze, goal_layout)
+    cells = mazes.goal_cells(goal_layout)
+    i0, j0 = mazes.start_cell(maze)
+    centres = ((cells - np.array([i0, j0])) * cell_size).astype(np.float32)
+    dist = mazes.shortest_path_cells(maze, (i0, j0))[cells[:, 0], cells[:, 1]]
     keep = dist > 0  # not the start cell, reachable
     centres, dist = centres[keep], dist[keep]
     if far:
@@ -245,18 +253,20 @@ class Ant(GoalEnv, PipelineEnv):
 
 
 class AntMaze(Ant):
-    """Ant in a maze of `crl.envs.mazes` (cell size 4); goal = a free cell's centre + noise."""
+    """Ant in a maze of `crl.envs.mazes` (cell size 4); goal = a goal cell's centre."""
 
     def __init__(self, maze: str = "u4", far_goals: bool = False, *, cell_size: float = 4.0,
-                 wall_height: Optional[float] = None, goal_noise: Optional[float] = None,
-                 merge_walls: bool = True, **kwargs):
+                 goal_layout: Optional[str] = None, wall_height: Optional[float] = None,
+                 goal_noise: float = 0.0, merge_walls: bool = True, **kwargs):
         mazes.layout(maze)  # validates the name
         self.maze = maze
+        self.goal_layout = maze if goal_layout is None else goal_layout
         self.cell_size = float(cell_size)
         self.wall_height = self.cell_size / 2 if wall_height is None else float(wall_height)
-        self.goal_noise = self.cell_size / 8 if goal_noise is None else float(goal_noise)
+        self.goal_noise = float(goal_noise)
         self.wall_boxes = wall_geom_boxes(maze, self.cell_size, merge_walls)
-        self.goal_centres = maze_goal_centres(maze, self.cell_size, bool(far_goals))
+        self.goal_centres = maze_goal_centres(maze, self.cell_size, bool(far_goals),
+                                              self.goal_layout)
         super().__init__(far_goals=far_goals, **kwargs)
 
     def _customise_xml(self, root: ET.Element) -> None:

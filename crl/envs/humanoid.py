@@ -2,9 +2,14 @@
 
 Model: Brax's bundled `humanoid.xml` (through Brax's resource path) plus one extra body, a
 non-colliding target marker: a sphere of radius 0.5 (the success radius), mass 1, on two slide
-joints (x, y) at height 1.25. Spring pipeline: timestep 0.0015, 10 substeps (dt = 0.015 s), gears
-350 (11 leg/abdomen motors) and 100 (6 arm motors), as Brax and the reference use. Actions in
-[-1, 1] are mapped affinely onto the motors' control range [-0.4, 0.4].
+joints (x, y) at height 1.25. Spring pipeline, 10 substeps, gears 350 (11 leg/abdomen motors) and
+100 (6 arm motors), as Brax and the reference use. Physics step (`spring_timestep`) as the
+authors' pinned Brax (0.10.1) really integrates it: its spring pipeline steps by `sys.dt`, which
+`mjcf.load` copies from the XML's 0.003 and only `sys.replace(dt=...)` changes. The authors'
+open humanoid sets `opt.timestep` = 0.0015 instead, which that pipeline ignores: 0.003 per substep,
+dt = 0.03 s per env step. Their humanoid mazes use `sys.replace(dt=0.0015)`: dt = 0.015 s. (The
+Brax here integrates `opt.timestep`, so that is what is set.) Actions in [-1, 1] are mapped
+affinely onto the motors' control range [-0.4, 0.4].
 
 State (268 = `state_dim`), the reference benchmark's layout, over the 12 links (11 humanoid links
 + the target marker):
@@ -26,10 +31,12 @@ The goal lives in `State.info["goal"]`.
 Goals: `Humanoid` draws a distance uniformly in [1, 5] and an angle uniformly in [0, 2 pi) (not
 uniform over the annulus, as in the reference); `far_goals=True` draws the distance from the top
 third of that range, [11/3, 5].
-`HumanoidMaze`: a maze of `crl.envs.mazes` with cell size 2, walls 1 m tall (as the reference:
-a humanoid can topple over them), start cell at the origin; goal = centre of a free cell other
-than the start, plus uniform noise of +-`goal_noise` (default cell_size / 8), at height 1.25;
-`far_goals=True`: the third of those cells farthest from the start by BFS path length.
+`HumanoidMaze`: a maze of `crl.envs.mazes` (the authors' layouts) with cell size 2, walls 1 m
+tall (as the reference: a humanoid can topple over them), start cell at the origin; goal = the
+exact centre of a uniformly drawn goal cell of `goal_layout` (default the maze; `make_env(...,
+goal_set="eval")` passes the `_eval` layout), plus uniform noise of +-`goal_noise` (default 0, as
+the authors), at height 1.25; `far_goals=True`: the third of those cells farthest from the start
+by BFS path length.
 Walls collide with the feet and the parts listed in `wall_contact_geoms` (default: shins,
 thighs and pelvis, the body below the 1 m wall top when upright; the reference lets every
 humanoid geom touch walls and floor, which costs a capsule-box test per geom and wall box);
@@ -74,6 +81,7 @@ class Humanoid(GoalEnv, PipelineEnv):
     state_dim = 268
     goal_indices = (0, 1, 2)
     goal_reach_thresh = 0.5
+    spring_timestep = 0.003   # what the authors' open humanoid integrates (module docstring)
 
     def __init__(self, far_goals: bool = False, *, min_goal_dist: float = 1.0,
                  max_goal_dist: float = 5.0, reset_noise_scale: float = 0.0,
@@ -92,7 +100,7 @@ class Humanoid(GoalEnv, PipelineEnv):
         self.xml = ET.tostring(root, encoding="unicode")
         sys = mjcf.loads(self.xml)
         if backend in ("spring", "positional"):
-            sys = sys.tree_replace({"opt.timestep": 0.0015})
+            sys = sys.tree_replace({"opt.timestep": self.spring_timestep})
             sys = sys.replace(actuator=sys.actuator.replace(gear=jnp.array(SPRING_GEAR)))
             default_frames = 10
         else:
@@ -210,19 +218,23 @@ class Humanoid(GoalEnv, PipelineEnv):
 
 
 class HumanoidMaze(Humanoid):
-    """Humanoid in a maze of `crl.envs.mazes` (cell size 2); goal in a free cell at z = 1.25."""
+    """Humanoid in a maze of `crl.envs.mazes` (cell size 2); goal in a goal cell at z = 1.25."""
+
+    spring_timestep = 0.0015  # the authors' humanoid mazes (module docstring)
 
     def __init__(self, maze: str = "u", far_goals: bool = False, *, cell_size: float = 2.0,
-                 wall_height: Optional[float] = None, goal_noise: Optional[float] = None,
-                 merge_walls: bool = True,
+                 goal_layout: Optional[str] = None, wall_height: Optional[float] = None,
+                 goal_noise: float = 0.0, merge_walls: bool = True,
                  wall_contact_geoms: Sequence[str] = DEFAULT_WALL_CONTACT_GEOMS, **kwargs):
         mazes.layout(maze)
         self.maze = maze
+        self.goal_layout = maze if goal_layout is None else goal_layout
         self.cell_size = float(cell_size)
         self.wall_height = self.cell_size / 2 if wall_height is None else float(wall_height)
-        self.goal_noise = self.cell_size / 8 if goal_noise is None else float(goal_noise)
+        self.goal_noise = float(goal_noise)
         self.wall_boxes = wall_geom_boxes(maze, self.cell_size, merge_walls)
-        self.goal_centres = maze_goal_centres(maze, self.cell_size, bool(far_goals))
+        self.goal_centres = maze_goal_centres(maze, self.cell_size, bool(far_goals),
+                                              self.goal_layout)
         self._wall_contact_geoms = tuple(wall_contact_geoms)
         super().__init__(far_goals=far_goals, **kwargs)
 

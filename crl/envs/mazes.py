@@ -1,8 +1,16 @@
 """Maze layouts shared by the point-mass, ant and humanoid mazes.
 
 A layout is a list of strings, one row each: '#' is a wall cell, 'R' the start cell of the agent,
-'.' a free cell. Every free cell (and 'R') can hold a goal. Cell (row i, column j) has its centre at
-world coordinates ((i - i_R) * cell_size, (j - j_R) * cell_size): the start cell is the origin.
+'G' a free cell that can hold a goal, '.' a free cell that cannot. A layout without any 'G' (the
+point-mass rooms) takes every free cell other than 'R' as a goal cell. Cell (row i, column j) has
+its centre at world coordinates ((i - i_R) * cell_size, (j - j_R) * cell_size): the start cell is
+the origin. (The authors' code puts cell (0, 0) at the origin instead: a constant translation.)
+
+The ant and humanoid layouts are those of the authors' code (scaling-crl, envs/ant_maze.py and
+envs/humanoid_maze.py: rows are x, columns y, 'r' start, 'g' goal, 1 wall, 0 free), including the
+`_eval` layouts their jobs evaluate on: the same walls and start cell, fewer goal cells (the far
+end of the maze). `humanoid_big_eval` is the humanoid's own big-maze eval layout (one goal cell
+more than the ant's: row 2, column 5).
 """
 from __future__ import annotations
 
@@ -24,46 +32,95 @@ LAYOUTS: Dict[str, List[str]] = {
     # The classic U: the goal at the tip of the U is close in a straight line but far by path.
     "u": [
         "#####",
-        "#R..#",
-        "###.#",
-        "#...#",
+        "#RGG#",
+        "###G#",
+        "#GGG#",
         "#####",
     ],
-    # U with arms 4 cells long.
-    "u4": [
-        "######",
-        "#R...#",
-        "####.#",
-        "#....#",
-        "######",
+    "u_eval": [
+        "#####",
+        "#R..#",
+        "###.#",
+        "#GGG#",
+        "#####",
     ],
-    # U with arms 5 cells long.
+    # Snake-like U4 (7 x 5): the farthest goal is 10 cells away by path, 2 in a straight line.
+    "u4": [
+        "#####",
+        "#GGG#",
+        "#R#G#",
+        "###G#",
+        "#G#G#",
+        "#GGG#",
+        "#####",
+    ],
+    "u4_eval": [
+        "#####",
+        "#...#",
+        "#R#.#",
+        "###.#",
+        "#G#.#",
+        "#GGG#",
+        "#####",
+    ],
+    # U5 (7 x 8): the farthest goal is 16 cells away by path, 2 in a straight line.
     "u5": [
-        "#######",
-        "#R....#",
-        "#####.#",
-        "#.....#",
-        "#######",
+        "########",
+        "#GGGGGG#",
+        "#R####G#",
+        "######G#",
+        "#G####G#",
+        "#GGGGGG#",
+        "########",
+    ],
+    "u5_eval": [
+        "########",
+        "#......#",
+        "#R####.#",
+        "######.#",
+        "#G####G#",
+        "#GGGGGG#",
+        "########",
     ],
     "big": [
         "########",
-        "#R.##..#",
-        "#..#...#",
+        "#RG##GG#",
+        "#GG#GGG#",
+        "##GGG###",
+        "#GG#GGG#",
+        "#G#GG#G#",
+        "#GGG#GG#",
+        "########",
+    ],
+    "big_eval": [
+        "########",
+        "#R.##GG#",
+        "#..#..G#",
         "##...###",
         "#..#...#",
-        "#.#..#.#",
-        "#...#..#",
+        "#.#G.#G#",
+        "#.GG#GG#",
+        "########",
+    ],
+    "humanoid_big_eval": [
+        "########",
+        "#R.##GG#",
+        "#..#.GG#",
+        "##...###",
+        "#..#...#",
+        "#.#G.#G#",
+        "#.GG#GG#",
         "########",
     ],
     "hardest": [
         "############",
-        "#R...#.....#",
-        "#.##.#.#.#.#",
-        "#......#...#",
-        "#.####.###.#",
-        "#..#.#.....#",
-        "##.#.#.#.###",
-        "#..#...#...#",
+        "#RGGG#GGGGG#",
+        "#G##G#G#G#G#",
+        "#GGGGGG#GGG#",
+        "#G####G###G#",
+        "#GG#G#GGGGG#",
+        "##G#G#G#G###",
+        "#GG#GGG#GGG#",
         "############",
     ],
 }
@@ -91,6 +148,26 @@ def start_cell(name: str) -> Tuple[int, int]:
 def free_cells(name: str) -> np.ndarray:
     """[n, 2] int array of (row, col) of every non-wall cell, row-major order."""
     return np.argwhere(~grid(name))
+
+
+def goal_cells(name: str) -> np.ndarray:
+    """[n, 2] int array of (row, col) of every goal cell ('G'; without any 'G': every free cell
+    other than the start), row-major order."""
+    rows = layout(name)
+    g = np.array([[c == "G" for c in row] for row in rows], dtype=bool)
+    if not g.any():
+        g = ~grid(name)
+        g[start_cell(name)] = False
+    return np.argwhere(g)
+
+
+def check_same_maze(name: str, other: str) -> None:
+    """Raises ValueError unless layouts `name` and `other` have the same walls and start cell
+    (an `_eval` layout differs from its training layout only in its goal cells)."""
+    if grid(name).shape != grid(other).shape or (grid(name) != grid(other)).any():
+        raise ValueError(f"maze layouts {name!r} and {other!r} have different walls")
+    if start_cell(name) != start_cell(other):
+        raise ValueError(f"maze layouts {name!r} and {other!r} have different start cells")
 
 
 def cell_centres(name: str, cell_size: float) -> np.ndarray:

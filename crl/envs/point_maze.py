@@ -18,7 +18,8 @@ Dynamics, per step, with a = clip(action, -1, 1):
   disc). The actual displacement becomes the new velocity (blocked components drop to zero).
 
 Reset: agent at the start-cell centre plus uniform noise in [-reset_noise, reset_noise]^2; goal at
-the centre of a uniformly random free cell other than the start plus uniform noise in
+the centre of a uniformly random goal cell of the layout (crl.envs.mazes: the 'G' cells; a layout
+without them, every free cell other than the start) plus uniform noise in
 [-goal_noise, goal_noise]^2. With far_goals=True the goal cell is drawn only among the farthest
 third of those cells by BFS path distance from the start (the paper's "far goals" evaluation):
 the ceil(n/3) farthest cells, plus every cell tied with the nearest of them.
@@ -62,7 +63,8 @@ class PointMaze(GoalEnv):
     """Point mass in a maze (see the module docstring).
 
     Args:
-      maze: layout name in crl.envs.mazes.LAYOUTS ("open", "u", "u4", "u5", "big", "hardest").
+      maze: layout name in crl.envs.mazes.LAYOUTS ("open", "u", "u4", "u5", "big", "hardest", or
+        an `_eval` layout).
       far_goals: sample goals only from the farthest third of cells by BFS path distance.
       cell_size: world size of one maze cell; every length below is in cells and scales with it.
       max_speed: maximum displacement per step per axis, in cells (default 0.2, so a diagonal step
@@ -117,10 +119,11 @@ class PointMaze(GoalEnv):
         self.goal_indices = (0, 1)
         self.goal_reach_thresh = float(success_radius * cell_size)
 
-        # Candidate goal cells: every free cell except the start, optionally only the far third.
+        # Candidate goal cells: the layout's goal cells (without 'G' marks: every free cell except
+        # the start), optionally only the far third.
         start = mazes.start_cell(maze)
-        cells = mazes.free_cells(maze)
-        centres = mazes.cell_centres(maze, cell_size)
+        cells = mazes.goal_cells(maze)
+        centres = ((cells - np.array(start)) * cell_size).astype(np.float32)
         bfs = mazes.shortest_path_cells(maze, start)
         dist = bfs[cells[:, 0], cells[:, 1]]
         keep = dist > 0   # not the start cell (distance 0), reachable (not -1)
