@@ -99,6 +99,12 @@ class EvalConfig:
     num_envs: int = 64
     interval_s: float = 10.0            # how often the evaluator looks for newer params
     far_goals: bool = False             # the paper's far-goal evaluation variant
+    # Where on the env-step axis to evaluate (the paper: 100 evaluations spread evenly over the
+    # budget). The evaluator evaluates the first params version it sees at or past each point
+    # k * every_env_steps; num_evals > 0 sets every_env_steps = total_env_steps / num_evals.
+    # Both 0: every new version found at each poll (wall-clock cadence).
+    every_env_steps: int = 0
+    num_evals: int = 0
     goal_set: Literal["train", "eval"] = "train"   # "eval": the env's `_eval` layout (authors')
 
 
@@ -162,6 +168,13 @@ class Config:
     @property
     def segment_length(self) -> int:
         return self.replay.segment_length or self.episode_length
+
+    @property
+    def eval_every_env_steps(self) -> int:
+        """Env steps between evaluation points; 0 = evaluate every new params version."""
+        if self.eval.num_evals:
+            return max(1, self.learner.total_env_steps // self.eval.num_evals)
+        return self.eval.every_env_steps
 
     @property
     def samples_per_insert(self) -> float:
@@ -373,6 +386,15 @@ def _errors(cfg: Config) -> List[str]:
 
     positive("eval.num_envs", cfg.eval.num_envs)
     positive("eval.interval_s", cfg.eval.interval_s)
+    if cfg.eval.every_env_steps < 0 or cfg.eval.num_evals < 0:
+        errs.append(f"eval.every_env_steps = {cfg.eval.every_env_steps}, eval.num_evals = "
+                    f"{cfg.eval.num_evals}: must be >= 0 (0 = not used)")
+    elif cfg.eval.every_env_steps and cfg.eval.num_evals:
+        errs.append(f"eval.every_env_steps = {cfg.eval.every_env_steps} and eval.num_evals = "
+                    f"{cfg.eval.num_evals}: set one of them (the other 0)")
+    elif cfg.eval.num_evals > cfg.learner.total_env_steps:
+        errs.append(f"eval.num_evals = {cfg.eval.num_evals}: more evaluations than "
+                    f"learner.total_env_steps = {cfg.learner.total_env_steps}")
     spec = ENV_SPECS.get(cfg.env.name)   # eval.goal_set = "eval" needs an env with an eval layout
     if cfg.eval.goal_set == "eval" and spec is not None and spec.eval_kwargs is None:
         errs.append(f"eval.goal_set = 'eval': env {cfg.env.name!r} has no eval layout; use 'train'")

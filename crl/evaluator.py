@@ -1,8 +1,14 @@
 """The evaluator role: deterministic episodes with the newest params, per params version.
 
-Polls the ParameterService every `eval.interval_s`; for each new version runs `eval.num_envs`
-episodes with tanh(mean) actions (crl.rollout.Unroller.evaluate, as the driver does), exports
-time at goal and success, and appends a line to <run_dir>/eval.jsonl.
+Polls the ParameterService every `eval.interval_s`. Every params version carries the learner's
+env steps and SGD steps (subset "progress", crl.learning.progress_of), so evaluations sit on the
+paper's axis: with `eval.every_env_steps` (or `eval.num_evals` over the budget) the evaluator
+evaluates the first version it sees at or past each point k * every (a poll fetches only the
+progress of the newest version, two integers; the actor only when a point is due; points passed
+while an evaluation ran are skipped, and logged); with neither, every new version it finds. An
+evaluation runs `eval.num_envs` episodes with tanh(mean) actions (crl.rollout.Unroller.evaluate,
+as the driver does), exports time at goal and success, and appends a line to
+<run_dir>/eval.jsonl: params_version, env_steps, sgd_steps, time_at_goal, success, unix_s.
 
 An evaluation is one compiled call that can take minutes (long episodes, slow CPUs), and a
 compiled call cannot be interrupted. The evaluator keeps no state (every finished evaluation is
@@ -25,6 +31,7 @@ import prometheus_client as prom
 from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
+from crl.learning import PROGRESS_KEY, progress_template
 from crl.networks import CRLNetworks
 from crl.params_service import client_from_config, security_from_config
 from crl.rollout import Unroller
@@ -34,6 +41,34 @@ SUCCESS = prom.Gauge("crl_eval_success", "Fraction of episodes that reached the 
 VERSION = prom.Gauge("crl_eval_params_version", "Params version of the last evaluation")
 EVALS = prom.Counter("crl_eval_evaluations_total", "Evaluations run")
 EVAL_SECONDS = prom.Gauge("crl_eval_seconds", "Duration of the last evaluation")
+ENV_STEPS = prom.Gauge("crl_eval_env_steps", "Env steps of the params last evaluated")
+SKIPPED = prom.Counter("crl_eval_points_skipped_total",
+                       "Evaluation points passed while an evaluation ran (not evaluated)")
+
+
+class EvalSchedule:
+    """Which params versions to evaluate, on the env-step axis.
+
+    every = 0: each new version. Else the points are 0, every, 2 * every, ...: a version is due
+    when its env steps reach the next point not yet evaluated; after evaluating a version at E
+    env steps the next point is the first multiple of `every` above E (points E passed over are
+    skipped: `skipped` counts them)."""
+
+    def __init__(self, every: int):
+        self.every, self.next_point, self.skipped = int(every), 0, 0
+
+    def due(self, env_steps: int) -> bool:
+        return self.every == 0 or env_steps >= self.next_point
+
+    def evaluated(self, env_steps: int) -> int:
+        """Marks env_steps evaluated; returns the number of points it skipped."""
+        if self.every == 0:
+            return 0
+        point = env_steps // self.every * self.every       # the newest point at or below E
+        skipped = max(0, (point - self.next_point) // self.every)
+        self.skipped += skipped
+        self.next_point = point + self.every
+        return skipped
 
 
 def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
@@ -42,16 +77,26 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     security = security_from_config(cfg.service)   # fail fast on a missing Secret
     env = make_env(cfg.env.name, far_goals=cfg.eval.far_goals, goal_set=cfg.eval.goal_set)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
+    template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0],
+                **progress_template()}
     unroller = Unroller(env, nets, cfg.eval.num_envs, cfg.episode_length)
     client = client_from_config(cfg, template=template, security=security)
     os.makedirs(cfg.run.run_dir, exist_ok=True)
     history = os.path.join(cfg.run.run_dir, "eval.jsonl")
     key = jax.random.PRNGKey(cfg.run.seed + 12345)
-    version = -1
+    schedule = EvalSchedule(cfg.eval_every_env_steps)
+    version = seen = -1     # last version evaluated / last version whose progress was read
     while not stop.is_set():
+        got = None
         try:
-            got = client.get(min_version=version, subset="actor")
+            if schedule.every:   # two integers per poll; the actor only when a point is due
+                head = client.get(min_version=seen, subset=[PROGRESS_KEY])
+                if head is not None:
+                    seen = head[0]
+                    if schedule.due(int(head[1][PROGRESS_KEY]["env_steps"])):
+                        got = client.get(min_version=version, subset=["actor", PROGRESS_KEY])
+            else:
+                got = client.get(min_version=version, subset=["actor", PROGRESS_KEY])
         except Exception as e:
             code = getattr(e, "code", None)
             log.info("no params from %s (%s)", cfg.service.params_address,
@@ -59,9 +104,12 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             got = None
         if got is not None:
             version, tree = got
+            seen = max(seen, version)
+            progress = {k: int(v) for k, v in tree[PROGRESS_KEY].items()}
             t0 = time.perf_counter()
             key, k = jax.random.split(key)   # fresh episodes for each version
-            log.info("evaluating version %d", version)
+            log.info("evaluating version %d (env_steps=%d, sgd_steps=%d)", version,
+                     progress["env_steps"], progress["sgd_steps"])
             result = _evaluate_unless_stopped(unroller, k, tree["actor"], stop)
             if result is None:
                 log.info("stop requested during the evaluation of version %d: abandoned (nothing "
@@ -69,17 +117,26 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
                 client.close()
                 logging.shutdown()
                 os._exit(0)
-            row = {"params_version": version, "time_at_goal": result["time_at_goal"],
-                   "success": result["success"], "unix_s": time.time()}
-            EVAL_SECONDS.set(time.perf_counter() - t0)
+            row = {"params_version": version, "env_steps": progress["env_steps"],
+                   "sgd_steps": progress["sgd_steps"], "time_at_goal": result["time_at_goal"],
+                   "success": result["success"], "unix_s": time.time(),
+                   "eval_s": round(time.perf_counter() - t0, 3)}
+            EVAL_SECONDS.set(row["eval_s"])
             TIME_AT_GOAL.set(row["time_at_goal"])
             SUCCESS.set(row["success"])
             VERSION.set(version)
+            ENV_STEPS.set(row["env_steps"])
             EVALS.inc()
             with open(history, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("version %d: time_at_goal=%.1f success=%.2f", version, row["time_at_goal"],
-                     row["success"])
+            skipped = schedule.evaluated(row["env_steps"])
+            if skipped:
+                SKIPPED.inc(skipped)
+                log.warning("%d evaluation point(s) of every %d env steps passed while evaluating "
+                            "(evaluations are slower than training: lower eval.num_envs or raise "
+                            "eval.every_env_steps)", skipped, schedule.every)
+            log.info("version %d at %d env steps: time_at_goal=%.1f success=%.2f", version,
+                     row["env_steps"], row["time_at_goal"], row["success"])
         stop.wait(cfg.eval.interval_s)
     client.close()
     return 0

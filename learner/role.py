@@ -52,7 +52,8 @@ import prometheus_client as prom
 from crl import metrics as M
 from crl.config import Config, advice
 from crl.envs import make_env
-from crl.learning import Updater, all_finite, params_of, resolve_num_devices
+from crl.learning import (PROGRESS_KEY, Updater, all_finite, params_of, progress_of,
+                          resolve_num_devices)
 from crl.params_service import security_from_config, server_from_config
 from learner.checkpoint import LearnerCheckpointer
 from learner.publisher import ParamsPublisher
@@ -220,7 +221,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         # and past those of a previous start that crashed before its first checkpoint (floor).
         counters["params_version"] = max(counters["params_version"] + skip, floor)
         log.info("resumed from %s step %d: sgd_steps=%d, next params version %d", ckpt_dir,
-                 checkpointer.latest_step(), updater.sgd_steps, counters["params_version"])
+                 saved["update_calls"], updater.sgd_steps, counters["params_version"])
     else:
         counters["params_version"] = max(0, floor)
     checkpointer.set_version_floor(counters["params_version"] + skip)
@@ -247,7 +248,12 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         checkpointer.save(counters["update_calls"], updater.host_state(), counters, wait=wait)
         CHECKPOINT_SECONDS.set(time.perf_counter() - t0)
 
-    publisher.publish_now(counters["params_version"], params_of(updater.host_state()))
+    def tagged(params, sgd_steps: int):
+        """params with this version's place on the paper's axes (crl.learning.progress_of)."""
+        return {**params, PROGRESS_KEY: progress_of(counters["env_steps"], sgd_steps)}
+
+    publisher.publish_now(counters["params_version"],
+                          tagged(params_of(updater.host_state()), updater.sgd_steps))
     publisher.start()
     if restored is None:
         checkpoint()   # a good state to roll back to from the very start
@@ -282,7 +288,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
 
     def offer(params) -> None:
         counters["params_version"] += 1
-        publisher.offer(counters["params_version"], params)
+        publisher.offer(counters["params_version"], tagged(params, loop["sgd_steps"]))
         loop["offered_calls"] = counters["update_calls"]
         loop["dirty"] = False
 
@@ -467,7 +473,8 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             counters["params_version"] += 1   # the final state was never offered
         checkpoint()     # first, so a version published is always covered by a checkpoint
         if publisher.published_version < counters["params_version"]:
-            publisher.publish_now(counters["params_version"], params_of(updater.host_state()))
+            publisher.publish_now(counters["params_version"],
+                                  tagged(params_of(updater.host_state()), loop["sgd_steps"]))
     log.info("final checkpoint at update call %d (sgd_steps=%d), params version %d published",
              counters["update_calls"], loop["sgd_steps"], publisher.published_version)
 
