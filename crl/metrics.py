@@ -4,6 +4,7 @@ Names start with `crl_` and carry their unit (`_seconds`, `_total`, `_bytes`), p
 """
 from __future__ import annotations
 
+import http.client
 import logging
 import urllib.request
 from typing import Dict, Optional
@@ -22,14 +23,16 @@ def scrape(url: str, timeout_s: float = 2.0) -> Dict[str, float]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             text = resp.read().decode()
-    except OSError:
+        out: Dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return out
+    # Not an answer from a role: nobody listening, a half-started server, something else on the
+    # port (an HTTP error, a bad status line, a body that is not the text format).
+    except (OSError, http.client.HTTPException, UnicodeDecodeError, ValueError):
         return {}
-    out: Dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 def setup_logging(role: str, level: int = logging.INFO) -> logging.Logger:
