@@ -50,8 +50,11 @@ class Child:
         log.flush()
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
                    PYTHONUNBUFFERED="1")
+        # Own session: the terminal's Ctrl-C reaches the launcher only, which stops the roles
+        # in order. Parent-death signal: a launcher killed by SIGKILL takes its roles with it.
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env)
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         log.close()
 
     def poll(self) -> Optional[int]:
@@ -72,6 +75,43 @@ class Child:
             rc = self.proc.wait(timeout=10)
         self.stop_s = time.monotonic() - t0
         return rc
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies (Linux prctl; the role's handler
+    stops it cleanly). Elsewhere a no-op."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        pass
+
+
+class RunDirLocked(RuntimeError):
+    """Another launcher owns this run directory."""
+
+
+def lock_run_dir(run_dir: str):
+    """An exclusive lock on <run_dir>/.crl-local.lock held by this process until it exits (the
+    kernel drops it when the process dies, even by SIGKILL). Returns the open lock file."""
+    import fcntl
+    f = open(os.path.join(run_dir, ".crl-local.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise RunDirLocked(f"run directory {run_dir} is in use by another `crl local` (pid "
+                           f"{owner}); stop it first, or pass --run.run_dir DIR for a new run")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def _wait_port(address: str, timeout_s: float, child: Child) -> None:
@@ -137,6 +177,11 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     run_dir = cfg.run.run_dir
     log_dir = os.path.join(run_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
+    try:
+        lock = lock_run_dir(run_dir)   # before anything in the directory is touched
+    except RunDirLocked as e:
+        print(f"[local] {e}", file=out, flush=True)
+        return 2
     cfg_path = os.path.join(run_dir, "config.yaml")
     dump(cfg, cfg_path)
     base = cfg.service.metrics_port
@@ -229,6 +274,7 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
             json.dump(summary, f, indent=1)
         print(f"[local] stopped; exit codes {exits}; summary in {run_dir}/summary.json", file=out,
               flush=True)
+        lock.close()
     return status
 
 

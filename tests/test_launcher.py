@@ -1,0 +1,88 @@
+"""`crl local` as a process: one launcher per run directory, and roles that die with it.
+
+Real processes on 127.0.0.1: a launcher killed with SIGKILL must not leave its roles running
+(they hold ports and would write into the run directory of the next launcher), and a second
+launcher on a run directory in use is refused before it touches anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import REPO, free_port_block, stop_process, wait_for
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:   # a zombie (exited, not yet reaped) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _local(run_dir, base, log_path):
+    args = ["--run.run_dir", run_dir, "--service.replay_address", f"127.0.0.1:{base}",
+            "--service.params_address", f"127.0.0.1:{base + 1}",
+            "--service.metrics_port", base + 2, "--actor.num_actors", 1,
+            "--network.actor.width", 32, "--network.critic.width", 32, "--env.num_envs", 8,
+            "--replay.min_size_steps", 3200, "--learner.total_env_steps", 10**9]
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "crl.cli", "local", *map(str, args)],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1"))
+
+
+def test_second_launcher_refused_and_roles_die_with_a_killed_launcher(tmp_path):
+    run_dir = tmp_path / "run"
+    base = free_port_block(8)
+    first = _local(run_dir, base, tmp_path / "first.out")
+    pids = {}
+    try:
+        def roles_started():
+            nonlocal pids
+            try:
+                pids = json.loads((run_dir / "pids.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return {"replay", "learner"} <= set(pids)
+        wait_for(lambda: roles_started() or first.poll() is not None, 300,
+                 "replay and the learner to start")
+        assert first.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
+
+        second = _local(run_dir, base + 4, tmp_path / "second.out")
+        rc = second.wait(timeout=120)
+        out = (tmp_path / "second.out").read_text()
+        assert rc == 2 and "in use by another `crl local`" in out, out[-2000:]
+        assert str(first.pid) in out                        # names the owner
+        assert first.poll() is None                         # the first run is untouched
+
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        t0 = time.monotonic()
+        wait_for(lambda: not any(_alive(p) for p in pids.values()), 90,
+                 f"the roles {pids} to exit after the launcher was killed")
+        gone_s = time.monotonic() - t0
+    finally:
+        stop_process(first, timeout_s=30)
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert gone_s < 90
+    third = _local(run_dir, base, tmp_path / "third.out")   # the lock died with its owner
+    try:
+        wait_for(lambda: "run dir" in (tmp_path / "third.out").read_text()
+                 or third.poll() is not None, 120, "a new launcher to take the run directory")
+        assert third.poll() is None, (tmp_path / "third.out").read_text()[-2000:]
+    finally:
+        stop_process(third, timeout_s=120)
