@@ -20,6 +20,17 @@ from crl.learning import TrainState, copy_tree
 log = logging.getLogger("crl.learner.checkpoint")
 
 
+def _nonfinite_leaves(tree) -> list:
+    """Paths of the float leaves of `tree` holding NaN or Inf."""
+    import numpy as np
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
+
+
 class LearnerCheckpointer:
     def __init__(self, directory: str, max_to_keep: int = 3):
         self.directory = os.path.abspath(directory)
@@ -83,7 +94,8 @@ class LearnerCheckpointer:
         """The newest readable checkpoint as (TrainState, counters), or None if there is none.
 
         A checkpoint that fails to load (corrupted on disk, or written by a different network
-        shape) is logged and skipped for the previous one; if none loads, the error of the
+        shape) or that loads with a NaN/Inf in any float array (bytes overwritten on disk decode
+        without an error) is logged and skipped for the previous one; if none loads, the error of the
         newest is raised, naming the directory.
         """
         self.manager.wait_until_finished()
@@ -98,6 +110,12 @@ class LearnerCheckpointer:
                 log.error("learner checkpoint %s/%d is unreadable (%s: %s); trying the previous one",
                           self.directory, step, type(e).__name__, str(e)[:300])
                 errors.append((step, e))
+                continue
+            bad = _nonfinite_leaves(restored["state"])
+            if bad:   # bytes overwritten on disk decode without error; NaN params never train
+                log.error("learner checkpoint %s/%d holds non-finite values in %s; trying the "
+                          "previous one", self.directory, step, ", ".join(bad[:4]))
+                errors.append((step, ValueError(f"non-finite values in {bad[:4]}")))
                 continue
             counters = {k: int(v) for k, v in restored["counters"].items()}
             return TrainState(**restored["state"]), counters

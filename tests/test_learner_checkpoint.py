@@ -65,3 +65,33 @@ def test_every_checkpoint_unreadable_is_a_clear_error(tmp_path, learner):
     os.makedirs(tmp_path / "1" / "state")
     with pytest.raises(RuntimeError, match="no readable learner checkpoint"):
         LearnerCheckpointer(str(tmp_path)).restore(learner.init(jax.random.PRNGKey(0)))
+
+
+def test_nonfinite_or_overwritten_newest_falls_back_to_the_previous(tmp_path, learner):
+    """Bytes overwritten inside the newest step can decode without any error (a run then
+    'resumed' with NaN params that were never published); such a step is skipped."""
+    ts0 = learner.init(jax.random.PRNGKey(0))
+    ts1 = learner.init(jax.random.PRNGKey(1))
+    nan = ts1._replace(critic_params=jax.tree_util.tree_map(lambda x: x * np.nan,
+                                                            ts1.critic_params))
+    ck = LearnerCheckpointer(str(tmp_path / "a"))
+    ck.save(1, ts0, {"params_version": 1})
+    ck.save(2, nan, {"params_version": 2})
+    state, counters = ck.restore(learner.init(jax.random.PRNGKey(5)))
+    assert counters["params_version"] == 1 and leaves_equal(state, ts0)
+    ck.close()
+
+    ck = LearnerCheckpointer(str(tmp_path / "b"))
+    ck.save(1, ts0, {"params_version": 1})
+    ck.save(2, ts1, {"params_version": 2})
+    ck.close()
+    files = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path / "b" / "2" / "state")
+             for f in fs if "metadata" not in f and not f.endswith(".json")]
+    biggest = max(files, key=os.path.getsize)
+    size = os.path.getsize(biggest)
+    with open(biggest, "r+b") as fh:   # the same length, the middle half 0xFF (NaN as float32)
+        fh.seek(size // 4)
+        fh.write(b"\xff" * (size // 2))
+    state, counters = LearnerCheckpointer(str(tmp_path / "b")).restore(
+        learner.init(jax.random.PRNGKey(5)))
+    assert counters["params_version"] == 1 and leaves_equal(state, ts0)
