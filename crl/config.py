@@ -7,6 +7,7 @@ any process starts and names each bad field with its allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from typing import Any, Dict, List, Literal, Optional, Tuple
@@ -319,6 +320,66 @@ def dumps(cfg: Config) -> str:
 # ---------------------------------------------------------------------------------------------
 # Validation.
 
+def _leaf_values(cfg, prefix: str = ""):
+    """(dotted name, value) of every leaf field."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _leaf_values(v, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", v
+
+
+def _port_errors(cfg: Config) -> List[str]:
+    """Two services of one `crl local` run on one port (metrics ports: metrics_port + k for
+    replay, learner, evaluator and each actor), or metrics ports past 65535."""
+    errs: List[str] = []
+    used: Dict[int, str] = {}
+    for n in ("replay_address", "params_address"):
+        port = getattr(cfg.service, n).rpartition(":")[2]
+        if port.isdigit():
+            used.setdefault(int(port), f"service.{n}")
+    roles = ["replay", "learner", "evaluator"] + [f"actor{i}" for i in range(cfg.actor.num_actors)]
+    top = cfg.service.metrics_port + len(roles) - 1
+    if 0 < cfg.service.metrics_port < 65536 and top >= 65536:
+        errs.append(f"service.metrics_port = {cfg.service.metrics_port}: the {len(roles)} roles use "
+                    f"metrics_port .. metrics_port + {len(roles) - 1} = {top}, past 65535; lower it")
+    for k, role in enumerate(roles):
+        port = cfg.service.metrics_port + k
+        if port in used:
+            errs.append(f"service.metrics_port = {cfg.service.metrics_port}: the {role}'s metrics "
+                        f"port {port} is {used[port]}'s port; move one of them")
+            break
+    return errs
+
+
+def _directory_errors(cfg: Config) -> List[str]:
+    """The run directory and the checkpoint directories must not overlap: Reverb deletes
+    everything in its checkpoint directory but its newest checkpoint, and Orbax owns the
+    learner's (replay.checkpoint_dir = run_dir once deleted a run's config, logs and learner
+    checkpoints)."""
+    import os
+    if not cfg.run.run_dir.strip():
+        return ["run.run_dir = '': must name a directory (e.g. runs/default)"]
+    run_dir = os.path.abspath(cfg.run.run_dir)
+    dirs = {"run.run_dir": run_dir,
+            "replay.checkpoint_dir": os.path.abspath(cfg.replay.checkpoint_dir
+                                                     or os.path.join(run_dir, "replay_checkpoints")),
+            "learner.checkpoint_dir": os.path.abspath(cfg.learner.checkpoint_dir
+                                                      or os.path.join(run_dir, "learner_checkpoints"))}
+    errs = []
+    for owner in ("replay.checkpoint_dir", "learner.checkpoint_dir"):
+        for other, path in dirs.items():
+            mine = dirs[owner]
+            if other == owner:
+                continue
+            if path == mine or path.startswith(mine + os.sep):
+                errs.append(f"{owner} = {mine!r} holds {other} = {path!r}: a checkpoint directory "
+                            "is owned by its checkpointer (old checkpoints in it are deleted); "
+                            "give it a directory of its own (\"\" = inside the run directory)")
+    return errs
+
+
 def _errors(cfg: Config) -> List[str]:
     from crl.envs import ENV_SPECS
     errs: List[str] = []
@@ -413,6 +474,13 @@ def _errors(cfg: Config) -> List[str]:
             errs.append(f"service.{n} = {addr!r}: must be host:port with port in 1..65535")
     if not 0 < cfg.service.metrics_port < 65536:
         errs.append(f"service.metrics_port = {cfg.service.metrics_port}: must be in 1..65535")
+    errs.extend(_port_errors(cfg))
+    errs.extend(_directory_errors(cfg))
+    for name, value in _leaf_values(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            errs.append(f"{name} = {value}: must be a finite number")
+        if name.endswith("seed") and isinstance(value, int) and not 0 <= value < 2 ** 31:
+            errs.append(f"{name} = {value}: must be in 0..2147483647 (a PRNG seed)")
     s = cfg.service
     if bool(s.tls_cert) != bool(s.tls_key):
         errs.append(f"service.tls_cert = {s.tls_cert!r} / service.tls_key = {s.tls_key!r}: set "

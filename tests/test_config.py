@@ -68,6 +68,21 @@ def test_frozen():
     ({"service.tls_server_name": "a b", "service.tls_cert": "c", "service.tls_key": "k"},
      "service.tls_server_name = 'a b': must be a DNS name without spaces"),
     ({"service.require_token": "sometimes"}, "service.require_token: 'sometimes' is not a boolean"),
+    # Non-finite numbers, seeds, ports, directories (each once a traceback or a lost run).
+    ({"algo.critic_lr": float("nan")}, "algo.critic_lr = nan: must be a finite number"),
+    ({"replay.utd": float("inf")}, "replay.utd = inf: must be a finite number"),
+    ({"service.rpc_timeout_s": float("inf")}, "service.rpc_timeout_s = inf: must be a finite"),
+    ({"run.seed": 2 ** 64}, "run.seed = 18446744073709551616: must be in 0..2147483647"),
+    ({"service.metrics_port": 17999}, "the learner's metrics port 18000 is service.replay_address"),
+    ({"service.metrics_port": 18000}, "the replay's metrics port 18000 is service.replay_address"),
+    ({"service.metrics_port": 65534}, "past 65535; lower it"),
+    ({"run.run_dir": ""}, "run.run_dir = '': must name a directory"),
+    ({"run.run_dir": "/tmp/r", "replay.checkpoint_dir": "/tmp/r"},
+     "replay.checkpoint_dir = '/tmp/r' holds run.run_dir = '/tmp/r'"),
+    ({"run.run_dir": "/tmp/r/run", "learner.checkpoint_dir": "/tmp/r"},
+     "learner.checkpoint_dir = '/tmp/r' holds run.run_dir = '/tmp/r/run'"),
+    ({"replay.checkpoint_dir": "/tmp/c", "learner.checkpoint_dir": "/tmp/c/l"},
+     "replay.checkpoint_dir = '/tmp/c' holds learner.checkpoint_dir = '/tmp/c/l'"),
 ])
 def test_invalid_configs_name_the_field(overrides, message):
     with pytest.raises(C.ConfigError) as e:
