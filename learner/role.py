@@ -88,12 +88,19 @@ MAX_CONSECUTIVE_NONFINITE = 10
 FAULT_NAN_FILE_ENV = "CRL_FAULT_INJECTION_NAN_FILE"
 
 
+# No env of this project produces a state or action component near this (positions and
+# velocities are O(10-1000), actions in [-1, 1]); finite values past it (1e30 written by a
+# hostile client) made every update non-finite, so they are quarantined like NaN.
+MAX_ABS_VALUE = 1e6
+
+
 def _nonfinite_rows(data) -> np.ndarray:
-    """[N] bool: segments whose float fields hold NaN/Inf."""
+    """[N] bool: segments whose float fields hold NaN/Inf or a value beyond +-MAX_ABS_VALUE."""
     bad = None
     for v in data.values():
         if np.issubdtype(v.dtype, np.floating):
-            b = ~np.isfinite(v.reshape(v.shape[0], -1)).all(axis=1)
+            flat = v.reshape(v.shape[0], -1)
+            b = ~(np.abs(flat) <= MAX_ABS_VALUE).all(axis=1)   # NaN compares False
             bad = b if bad is None else bad | b
     return bad if bad is not None else np.zeros(0, bool)
 
@@ -432,7 +439,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         if bad_rows.any():
             keys = batch.info["key"][bad_rows]
             NONFINITE_SEGMENTS.inc(int(bad_rows.sum()))
-            log.error("sampled batch holds %d segment(s) with NaN/Inf (replay keys %s): batch not "
+            log.error("sampled batch holds %d segment(s) with NaN/Inf or |x| > 1e6 (replay keys %s): batch not "
                       "used, items deleted from replay", int(bad_rows.sum()),
                       [int(k) for k in keys[:8]])
             _delete_items(cfg.service.replay_address, TABLE, keys, cfg.service.rpc_timeout_s, log)

@@ -103,6 +103,10 @@ def test_nonfinite_batch_rows_and_param_check():
     data["state"][2, 1, 0] = np.nan
     data["action"][0, 0, 0] = np.inf
     assert _nonfinite_rows(data).tolist() == [True, False, True, False]
+    data["state"][3, 0, 1] = 1e30            # finite, but poisons every update it is in
+    assert _nonfinite_rows(data).tolist() == [True, False, True, True]
+    data["state"][3, 0, 1] = -999_999.0       # large but plausible: kept
+    assert _nonfinite_rows(data).tolist() == [True, False, True, False]
     assert bool(all_finite({"a": jnp.ones(3), "n": jnp.arange(3)}))
     assert not bool(all_finite({"a": jnp.array([1.0, jnp.nan]), "n": jnp.arange(3)}))
 
