@@ -1,45 +1,67 @@
-"""Arm manipulation tasks (MJX): push a cube to a goal on the table, or pick it into a raised bin.
+"""Arm manipulation tasks (MJX), to the facts of the scaling-crl code behind the paper's numbers.
 
-A 7-joint Franka-like arm with a two-finger parallel gripper, built from MuJoCo primitives in
-Python (no asset files, so nothing depends on the working directory). Modelled on the JaxGCRL arm
-tasks (arXiv 2408.11052), which use the MuJoCo Menagerie Panda; the geometry here follows the
-Panda's main dimensions (shoulder 0.333 m, upper arm 0.316 m, forearm 0.384 m) without its small
-lateral offsets, so inverse kinematics is closed-form.
+A Franka Emika Panda (7 revolute joints and two sliding fingers) on a table, built from MuJoCo
+primitives in Python: no asset files, nothing depends on the working directory. The reference
+loads the MuJoCo Menagerie Panda (meshes) through Brax's MJCF loader; what that model simulates is
+all primitives already (the meshes are visual only, every body has an explicit inertial, the
+colliding geoms are boxes, a capsule and a plane), so this model carries over the kinematic chain
+(link offsets and rotations, joint axes and limits), inertials, actuators, collision geoms, contact
+pairs and solver options as facts, and leaves the meshes out.
 
-World frame: the table is the plane z = 0, the arm base sits at the origin and works towards +x.
+Brax's loader fuses jointless bodies into their parents: link0 (the base, which holds the
+`childclass="panda"` of the joints) and the hand disappear. As simulated by the reference, then,
+the arm joints have no damping and no armature, joints 1, 3, 5 and 7 have no limits (2, 4 and 6
+keep their explicit ranges), the hand's capsule and the finger bodies hang off link7, and the
+"end effector" is the origin of link7 (the flange, 0.107 m behind the hand). All of that is
+reproduced here.
+
+World frame: the table is the plane z = 0, the arm base sits at the origin; the task regions lie
+in front of it along +y (x from -0.5 to 0.5, y from 0.4 to 0.9).
 
 State (17 dims, `obs[:17]`; the goal follows as `obs[17:20]`):
-  0:3   cube position (x, y, z)                      <- goal_indices (0, 1, 2)
-  3:6   cube linear velocity
-  6:9   end-effector position (grip centre between the finger pads)
-  9:12  end-effector velocity (finite difference over one env step)
-  12    gripper yaw psi (rad): angle of the finger axis from the world y axis, in [-pi/2, pi/2]
-  13:15 cos(4 * cube_yaw), sin(4 * cube_yaw) (a cube looks the same every quarter turn; defined
-        whichever face is down, see cube_yaw_features)
-  15    finger gap (m): distance between the finger pads, 0 (closed) .. 0.08 (open)
-  16    finger gap velocity (m/s)
+  0:3   cube position (x, y, z)                         <- goal_indices (0, 1, 2)
+  3:10  the 7 arm joint angles (joint 1 .. joint 7, rad)
+  10:13 end-effector position (origin of link7)
+  13:16 end-effector linear velocity (world frame, from the simulator's body velocities)
+  16    finger distance: distance between the two finger bodies' origins (= sum of the two finger
+        slides), 0 (closed) .. 0.16 (open)
 
-Action (5 dims in [-1, 1], Cartesian control with the gripper always pointing down):
-  0:3   end-effector displacement: target = current grip position + 0.04 m * a, clipped to the
-        workspace (box EE_LOW..EE_HIGH above the table, within reach; see clip_workspace)
-  3     gripper yaw rate: commanded psi += 0.25 rad * a, clipped to [-pi/2, pi/2] (integrated on
-        the previous command, so the wrist does not drift)
-  4     gripper: finger target opening = 0.02 m * (1 - a) per finger (+1 closes, -1 opens fully)
-The target pose goes through closed-form IK (arm_ik) to 7 joint targets: joints 3 and 5 (upper-arm
-and forearm rolls) are held at 0, joints 1/2/4 place the wrist, joint 6 keeps the hand vertical,
-joint 7 sets the yaw. Position servos track them (damping on the joints, gravity compensation);
-they cover ~0.022 m per step at full action. Physics: timestep 0.005 s, 10 substeps per env step
-(dt = 0.05 s), Newton solver with 4 iterations. Reset: cube flat, yaw 0; arm at HOME_EE, open.
+Action (5 dims, nominally in [-1, 1]; not clipped, as in the reference):
+  0:4   absolute targets for joints 1, 2, 4, 6: target = mid + a * half_range over
+        joint 1 [0.3491, 2.7925], joint 2 [0, 1.48353], joint 4 [-3.0718, -0.0698],
+        joint 6 [2.3562, 3.7525]; joints 3 and 5 are commanded 0, joint 7 is commanded 1.4487.
+  4     gripper, binary: a > 0 closes (finger controls 0), a <= 0 opens (finger controls 255).
+The commands drive the Panda's position servos (MuJoCo `general` actuators, force =
+gain * ctrl - kp * q - kd * qdot, clamped to the force range, ctrl clamped to its range). For
+joints 1 and 2 gain = kp, so a servo settles at its target; for joints 3 and 4 gain / kp = 4/7 and
+for joints 5, 6, 7 it is 1/2 (as in the reference's model), so joint 4 settles at 4/7 of its
+command, joint 6 at 1/2 of it and joint 7 at 0.72. The fingers settle at 0.15686 * ctrl / 500:
+0 closed, 0.08 each open (their range limit). `servo_equilibrium` gives the settled angles.
+The arm has no gravity compensation, so loaded joints settle up to ~0.02 rad below them. Under
+MJX's implicit-fast step a servo's velocity gain stays in the implicit damping even while its
+force is clamped (joints 5-7 clamp at 12 N m), so the wrist moves slowly: as in the reference,
+which ran the same model on MJX.
 
-Only the cube collides (with the table, both finger pads, the palm and, for bin picking, the bin),
-through explicit contact pairs, which keeps the MJX contact count small.
+Physics: timestep 0.002 s, 25 substeps per env step (dt = 0.05 s), implicit-fast integrator,
+Newton solver with 6 iterations and 12 line-search iterations, pyramidal friction cones (binpick:
+impratio 10). Contacts only through explicit pairs: cube, hand capsule and both finger pads with
+the table; the cube with the hand and the pads; pad with pad; for binpick also the cube, the hand
+and the pads with the eight bin walls.
 
-Tasks (success: cube within 0.1 of the goal; reward = success; episodes never end early):
-  ArmPush(hard=False): cube and goal in small adjacent regions in front of the arm.
-  ArmPush(hard=True):  wider, farther apart regions.
-  ArmBinpick(hard=True): cube on the table, goal inside a bin raised 0.1 above the table: the cube
-    must be grasped and lifted (the table surface is >= 0.1 below any goal).
-  far_goals=True: cube and goal drawn from the opposite far ends of their regions (along y).
+Reset: cube at the centre of its region + U(-1, 1) * noise in x and y, 0.07 above the table
+(it drops 0.04 onto the table during the first step), unrotated; arm at
+HOME_Q = (1.571, 0.742, 0, -1.571, 0, 3.054, 1.449), fingers at 0.04 each; all velocities zero.
+Goal: centre of the goal region + U(-1, 1) * noise in x and y, z = 0.03 (a cube resting on the
+table). Success: cube within 0.1 of the goal; reward = success; episodes never end early.
+
+Tasks (region centre, noise half-width; cube region | goal region):
+  arm_push_easy:    (-0.1, 0.6) +- 0.1   | (0.1, 0.6) +- 0.1   (marked by two flat squares)
+  arm_push_hard:    (-0.25, 0.65) +- 0.25 | (0.25, 0.65) +- 0.25
+  arm_binpick_hard: (-0.3, 0.6) +- 0.15   | (0.3, 0.6) +- 0.15, each region inside an open bin
+                    (walls 0.066 high, 0.01 thick, outer half-width 0.195) standing on the table:
+                    the cube must be lifted over the walls of both bins.
+far_goals=True (this project's far-goal evaluation variant; the reference has none for arms):
+cube from the outer half of its region along x, goal from the outer half of the goal region.
 """
 from __future__ import annotations
 
@@ -47,258 +69,302 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jp
+import numpy as np
 from brax.envs.base import PipelineEnv, State
 from brax.io import mjcf
 
 from crl.envs.base import GoalEnv
 
-# --- Geometry (metres) -----------------------------------------------------------------------
-SHOULDER_Z = 0.333      # joint 2 height above the base
-L_UPPER = 0.316         # joint 2 -> joint 4
-L_FORE = 0.384          # joint 4 -> joint 6
-WRIST_TO_J7 = 0.08      # joint 6 -> joint 7 (the flange roll)
-J7_TO_GRIP = 0.16       # joint 7 -> grip centre (between the finger pads)
-L_HAND = WRIST_TO_J7 + J7_TO_GRIP
-CUBE_HALF = 0.025
-FINGER_MAX = 0.04       # per-finger opening (pad to grip centre)
+# --- Facts of the reference model (metres, radians, SI) ---------------------------------------
+TIMESTEP = 0.002
+N_FRAMES = 25                      # env dt = 0.05 s
+SOLVER_ITERATIONS = 6
+LS_ITERATIONS = 12
 
-# Workspace box of the end-effector target (grip centre).
-EE_LOW = (0.15, -0.5, CUBE_HALF)
-EE_HIGH = (0.72, 0.5, 0.45)
-EE_R_MIN, EE_R_MAX = 0.2, 0.68
-WRIST_REACH = 0.69      # max shoulder-to-wrist distance (L_UPPER + L_FORE = 0.7: stay off the
-                        # stretched-out singularity)
-EE_STEP = 0.04
-YAW_STEP = 0.25
-HOME_EE = (0.35, 0.0, 0.2)
+# Kinematic chain: (body, position in the parent frame, orientation quaternion (w, x, y, z) in the
+# parent frame, joint range or None for an unlimited joint). Every joint turns about its body's z.
+_H = float(np.sqrt(0.5))
+PANDA_CHAIN = (
+    ("link1", (0.0, 0.0, 0.333), (1.0, 0.0, 0.0, 0.0), None),
+    ("link2", (0.0, 0.0, 0.0), (_H, -_H, 0.0, 0.0), (-1.7628, 1.7628)),
+    ("link3", (0.0, -0.316, 0.0), (_H, _H, 0.0, 0.0), None),
+    ("link4", (0.0825, 0.0, 0.0), (_H, _H, 0.0, 0.0), (-3.0718, -0.0698)),
+    ("link5", (-0.0825, 0.384, 0.0), (_H, -_H, 0.0, 0.0), None),
+    ("link6", (0.0, 0.0, 0.0), (_H, _H, 0.0, 0.0), (-0.0175, 3.7525)),
+    ("link7", (0.088, 0.0, 0.0), (_H, _H, 0.0, 0.0), None),
+)
+# Inertials: mass, centre of mass, full inertia (ixx iyy izz ixy ixz iyz), per link.
+PANDA_INERTIA = (
+    (4.970684, (0.003875, 0.002081, -0.04762),
+     (0.70337, 0.70661, 0.0091170, -0.00013900, 0.0067720, 0.019169)),
+    (0.646926, (-0.003141, -0.02872, 0.003495),
+     (0.0079620, 2.8110e-2, 2.5995e-2, -3.925e-3, 1.0254e-2, 7.04e-4)),
+    (3.228604, (2.7518e-2, 3.9252e-2, -6.6502e-2),
+     (3.7242e-2, 3.6155e-2, 1.083e-2, -4.761e-3, -1.1396e-2, -1.2805e-2)),
+    (3.587895, (-5.317e-2, 1.04419e-1, 2.7454e-2),
+     (2.5853e-2, 1.9552e-2, 2.8323e-2, 7.796e-3, -1.332e-3, 8.641e-3)),
+    (1.225946, (-1.1953e-2, 4.1065e-2, -3.8437e-2),
+     (3.5549e-2, 2.9474e-2, 8.627e-3, -2.117e-3, -4.037e-3, 2.29e-4)),
+    (1.666555, (6.0149e-2, -1.4117e-2, -1.0517e-2),
+     (1.964e-3, 4.354e-3, 5.433e-3, 1.09e-4, -1.158e-3, 3.41e-4)),
+    (7.35522e-01, (1.0517e-2, -4.252e-3, 6.1597e-2),
+     (1.2516e-2, 1.0027e-2, 4.815e-3, -4.28e-4, -1.196e-3, -7.41e-4)),
+)
+# The hand frame in link7 (fused away by Brax: no body, no mass), the fingers in the hand frame.
+HAND_POS, HAND_QUAT = (0.0, 0.0, 0.107), (0.9238795, 0.0, 0.0, -0.3826834)
+FINGER_POS = (0.0, 0.0, 0.0584)
+FINGER_MASS = 0.015
+FINGER_RANGE = (0.0, 0.08)
+FINGER_PAD_HALF = (0.015, 0.005, 0.04)     # pad box, at (0, 0.0055, 0.035) in the finger frame
+FINGER_PAD_POS = (0.0, 0.0055, 0.035)
+HAND_CAPSULE = (0.04, 0.06)                # radius, half-length; axis along the hand's y
+HAND_CAPSULE_POS = (0.0, 0.0, 0.035)
 
-# Bin (ArmBinpick): a pedestal whose top (the bin floor) is BIN_FLOOR above the table, with a rim.
-BIN_CENTER = (0.45, 0.25)
-BIN_HALF = 0.1
-BIN_FLOOR = 0.1
+# Servos, joints 1..7: (gain, kp, kd, force limit, ctrl range or None for (-2.8973, 2.8973)).
+ARM_SERVO = (
+    (4500.0, 4500.0, 450.0, 87.0, None),
+    (4500.0, 4500.0, 450.0, 87.0, (-1.7628, 1.7628)),
+    (2000.0, 3500.0, 350.0, 87.0, None),
+    (2000.0, 3500.0, 350.0, 87.0, (-3.0718, -0.0698)),
+    (1000.0, 2000.0, 200.0, 12.0, None),
+    (1000.0, 2000.0, 200.0, 12.0, (-0.0175, 3.7525)),
+    (1000.0, 2000.0, 200.0, 12.0, None),
+)
+DEFAULT_CTRL_RANGE = (-2.8973, 2.8973)
+FINGER_SERVO = (0.15686, 500.0, 50.0, 500.0, (0.0, 255.0))   # gain, kp, kd, force, ctrl range
+FINGER_DAMPING, FINGER_ARMATURE = 5.0, 0.1
 
-TIMESTEP = 0.005
-N_FRAMES = 10           # env dt = 0.05 s
+# Action mapping: action dims 0..3 -> joints 1, 2, 4, 6 (indices 0, 1, 3, 5).
+ACTION_JOINTS = (0, 1, 3, 5)
+TARGET_LOW = (0.3491, 0.0, 0.0, -3.0718, 0.0, 2.3562, 1.4487)
+TARGET_HIGH = (2.7925, 1.48353, 0.0, -0.0698, 0.0, 3.7525, 1.4487)
+GRIP_OPEN_CTRL, GRIP_CLOSED_CTRL = 255.0, 0.0
 
+HOME_Q = (1.571, 0.742, 0.0, -1.571, 0.0, 3.054, 1.449)
+FINGER_HOME = 0.04
 
-# Joint servos: (kp, joint damping, force limit). Damping sits on the joints, where Euler integrates
-# it implicitly; a velocity gain on the actuator instead makes the arm jitter (and grasps creep).
-ARM_SERVO = {"j1": (600, 36, 150), "j2": (1000, 60, 150), "j3": (500, 30, 100),
-             "j4": (800, 46, 150), "j5": (120, 8, 50), "j6": (120, 8, 50), "j7": (80, 5, 30)}
+CUBE_HALF = 0.03
+CUBE_START_Z = 0.07
+GOAL_Z = 0.03
+TABLE_POS = (0.0, 0.2, 0.0)
 
+# Binpick bins: centre (x, y); walls 0.066 high standing on the table.
+BIN_CENTERS = ((-0.3, 0.6), (0.3, 0.6))
+BIN_WALL_HEIGHT = 0.066
+# (offset from the bin centre, half sizes) of the four walls.
+BIN_WALLS = (((0.0, -0.19), (0.195, 0.005)), ((0.0, 0.19), (0.195, 0.005)),
+             ((0.19, 0.0), (0.005, 0.185)), ((-0.19, 0.0), (0.005, 0.185)))
 
-def _arm_joint_xml() -> str:
-    """Kinematic chain of the arm: 7 hinges (z, y, z, y, z, y, z) and the gripper."""
-    a = 'damping="{d}" armature="0.05"'
-    cap = 'type="capsule" contype="0" conaffinity="0" rgba="0.9 0.9 0.9 1"'
-    return f"""
-    <body name="link1" pos="0 0 0" gravcomp="1">
-      <joint name="j1" axis="0 0 1" {a.format(d=ARM_SERVO["j1"][1])}/>
-      <geom {cap} size="0.06" fromto="0 0 0 0 0 {SHOULDER_Z}"/>
-      <body name="link2" pos="0 0 {SHOULDER_Z}" gravcomp="1">
-        <joint name="j2" axis="0 1 0" {a.format(d=ARM_SERVO["j2"][1])}/>
-        <geom {cap} size="0.05" fromto="0 0 0 0 0 {L_UPPER / 2}"/>
-        <body name="link3" pos="0 0 {L_UPPER / 2}" gravcomp="1">
-          <joint name="j3" axis="0 0 1" {a.format(d=ARM_SERVO["j3"][1])}/>
-          <geom {cap} size="0.05" fromto="0 0 0 0 0 {L_UPPER / 2}"/>
-          <body name="link4" pos="0 0 {L_UPPER / 2}" gravcomp="1">
-            <joint name="j4" axis="0 1 0" {a.format(d=ARM_SERVO["j4"][1])}/>
-            <geom {cap} size="0.045" fromto="0 0 0 0 0 {L_FORE / 2}"/>
-            <body name="link5" pos="0 0 {L_FORE / 2}" gravcomp="1">
-              <joint name="j5" axis="0 0 1" {a.format(d=ARM_SERVO["j5"][1])}/>
-              <geom {cap} size="0.04" fromto="0 0 0 0 0 {L_FORE / 2}"/>
-              <body name="link6" pos="0 0 {L_FORE / 2}" gravcomp="1">
-                <joint name="j6" axis="0 1 0" {a.format(d=ARM_SERVO["j6"][1])}/>
-                <geom {cap} size="0.04" fromto="0 0 0 0 0 {WRIST_TO_J7}"/>
-                <body name="link7" pos="0 0 {WRIST_TO_J7}" gravcomp="1">
-                  <joint name="j7" axis="0 0 1" {a.format(d=ARM_SERVO["j7"][1])}/>
-                  <geom name="flange" type="cylinder" size="0.04 0.01" pos="0 0 0.01"
-                        contype="0" conaffinity="0" rgba="0.3 0.3 0.3 1" mass="0.3"/>
-                  <geom name="palm" type="box" size="0.025 0.07 0.02" pos="0 0 0.08"
-                        contype="0" conaffinity="0" rgba="0.3 0.3 0.3 1" mass="0.4"/>
-                  <site name="grip" pos="0 0 {J7_TO_GRIP}" size="0.01"/>
-                  <body name="finger_l" pos="0 0 0.1" gravcomp="1">
-                    <joint name="fl" type="slide" axis="0 1 0" damping="10" armature="0.05"/>
-                    <geom name="pad_l" type="box" size="0.012 0.006 0.04" pos="0 0.006 0.04"
-                          contype="0" conaffinity="0" rgba="0.2 0.2 0.2 1" mass="0.05"/>
-                  </body>
-                  <body name="finger_r" pos="0 0 0.1" gravcomp="1">
-                    <joint name="fr" type="slide" axis="0 -1 0" damping="10" armature="0.05"/>
-                    <geom name="pad_r" type="box" size="0.012 0.006 0.04" pos="0 -0.006 0.04"
-                          contype="0" conaffinity="0" rgba="0.2 0.2 0.2 1" mass="0.05"/>
-                  </body>
-                </body>
-              </body>
-            </body>
-          </body>
-        </body>
-      </body>
-    </body>"""
+# Tasks: cube region centre, goal region centre, noise half-width (x and y), flat region markers.
+TASKS = {
+    "push_easy": dict(cube=(-0.1, 0.6), goal=(0.1, 0.6), noise=0.1, bins=False),
+    "push_hard": dict(cube=(-0.25, 0.65), goal=(0.25, 0.65), noise=0.25, bins=False),
+    "binpick_hard": dict(cube=(-0.3, 0.6), goal=(0.3, 0.6), noise=0.15, bins=True),
+}
+SUCCESS_DIST = 0.1
 
-
-def _bin_xml() -> str:
-    """A pedestal box (its top is the bin floor) with a capsule rim along its top edges."""
-    cx, cy = BIN_CENTER
-    h = BIN_FLOOR / 2
-    r = 0.01
-    rim_z = BIN_FLOOR + r + 0.01
-    e = BIN_HALF
-    rim = []
-    sides = [(-e, -e, e, -e), (e, -e, e, e), (e, e, -e, e), (-e, e, -e, -e)]
-    for i, (x0, y0, x1, y1) in enumerate(sides):
-        rim.append(
-            f'<geom name="rim{i}" type="capsule" size="{r}" '
-            f'fromto="{cx + x0} {cy + y0} {rim_z} {cx + x1} {cy + y1} {rim_z}" '
-            'contype="0" conaffinity="0" rgba="0.8 0.2 0.2 1"/>')
-    rim = "\n    ".join(rim)
-    return f"""
-    <geom name="pedestal" type="box" size="{e} {e} {h}" pos="{cx} {cy} {h}"
-          contype="0" conaffinity="0" rgba="0.8 0.3 0.3 1"/>
-    {rim}"""
+# Indices into Brax's per-body arrays (x, xd: bodies without the world): cube, link1..7, fingers.
+EEF_BODY = 7          # link7
+LEFT_FINGER_BODY, RIGHT_FINGER_BODY = 8, 9
+# qpos layout: cube free joint 0:7, arm joints 7:14, finger slides 14:16.
+ARM_Q = slice(7, 14)
+FINGER_Q = slice(14, 16)
 
 
-def build_xml(with_bin: bool) -> str:
-    """MJCF of the scene. The cube is the first body, so qpos[0:7] is its free joint."""
-    pairs = ["floor", "pad_l", "pad_r", "palm"]
-    if with_bin:
-        pairs += ["pedestal", "rim0", "rim1", "rim2", "rim3"]
+def _f(v) -> str:
+    return " ".join(repr(float(x)) for x in v)
 
-    def pair(g):
-        if g.startswith("pad"):
-            # Grippy finger pads, as stiff as the timestep allows. (A higher solimp creeps less
-            # under load but makes the cube flip out of the grasp when the lift starts.)
-            return (f'<pair geom1="cube" geom2="{g}" condim="3" '
-                    f'friction="1.5 1.5 0.005 0.0001 0.0001" solref="{2 * TIMESTEP} 1"/>')
-        return f'<pair geom1="cube" geom2="{g}" condim="3" friction="0.6 0.6 0.005 0.0001 0.0001"/>'
-    pair_xml = "\n    ".join(pair(g) for g in pairs)
-    arm_servo = "\n    ".join(
-        f'<position name="a_{j}" joint="{j}" kp="{kp}" forcerange="-{f} {f}"/>'
-        for j, (kp, _, f) in ARM_SERVO.items())
-    return f"""
-<mujoco model="crl_arm">
-  <compiler angle="radian" autolimits="true"/>
-  <option timestep="{TIMESTEP}" iterations="4" ls_iterations="8" solver="Newton"
-          integrator="Euler" cone="pyramidal"/>
-  <worldbody>
-    <geom name="floor" type="plane" size="2 2 0.1" contype="0" conaffinity="0"
-          rgba="0.6 0.5 0.4 1"/>
-    <body name="cube" pos="0.4 0 {CUBE_HALF}">
-      <freejoint name="cube"/>
-      <geom name="cube" type="box" size="{CUBE_HALF} {CUBE_HALF} {CUBE_HALF}" mass="0.1"
-            contype="0" conaffinity="0" rgba="0.2 0.4 0.9 1"/>
+
+def servo_equilibrium(ctrl) -> np.ndarray:
+    """Angles (7 arm joints, 2 fingers) at which the servos hold still without load: ctrl clamped
+    to its range, times gain / kp."""
+    ctrl = np.asarray(ctrl, np.float64)
+    gains = [s[0] for s in ARM_SERVO] + [FINGER_SERVO[0]] * 2
+    kps = [s[1] for s in ARM_SERVO] + [FINGER_SERVO[1]] * 2
+    ranges = [s[4] or DEFAULT_CTRL_RANGE for s in ARM_SERVO] + [FINGER_SERVO[4]] * 2
+    lo, hi = np.array(ranges).T
+    return np.clip(ctrl, lo, hi) * np.array(gains) / np.array(kps)
+
+
+def _arm_xml() -> str:
+    vis = 'contype="0" conaffinity="0" group="2" rgba="0.9 0.9 0.9 1"'
+    # Visual capsules along each link to the next joint (no mass: every body has an inertial).
+    link_vis = {
+        "link1": 'fromto="0 0 -0.333 0 0 0" size="0.06"',
+        "link2": 'fromto="0 0 0 0 -0.316 0" size="0.06"',
+        "link3": 'fromto="0 0 0 0.0825 0 0" size="0.055"',
+        "link4": 'fromto="0 0 0 -0.0825 0.384 0" size="0.055"',
+        "link5": 'fromto="0 0 0 0 0 -0.1" size="0.05"',
+        "link6": 'fromto="0 0 0 0.088 0 0" size="0.045"',
+        "link7": 'fromto="0 0 0 0 0 0.107" size="0.04"',
+    }
+    xml = ""
+    for i, ((name, pos, quat, rng), (mass, com, inertia)) in enumerate(
+            zip(PANDA_CHAIN, PANDA_INERTIA)):
+        limit = f'range="{_f(rng)}"' if rng is not None else 'limited="false"'
+        xml += f"""
+<body name="{name}" pos="{_f(pos)}" quat="{_f(quat)}">
+  <inertial mass="{mass!r}" pos="{_f(com)}" fullinertia="{_f(inertia)}"/>
+  <joint name="joint{i + 1}" type="hinge" axis="0 0 1" {limit} damping="0" armature="0"/>
+  <geom type="capsule" {link_vis[name]} {vis}/>"""
+    finger = (
+        'joint name="{j}" type="slide" axis="0 1 0" range="{r}" damping="{d!r}" armature="{a!r}"')
+    pad = f'type="box" size="{_f(FINGER_PAD_HALF)}" pos="{_f(FINGER_PAD_POS)}" ' \
+          'contype="0" conaffinity="0" rgba="0.25 0.25 0.25 1"'
+    inertial = f'<inertial mass="{FINGER_MASS!r}" pos="0 0 0" diaginertia="2.375e-6 2.375e-6 7.5e-7"/>'
+    xml += f"""
+  <frame name="hand" pos="{_f(HAND_POS)}" quat="{_f(HAND_QUAT)}">
+    <geom name="hand_geom" type="capsule" size="{_f(HAND_CAPSULE)}" pos="{_f(HAND_CAPSULE_POS)}"
+          quat="{_H!r} {_H!r} 0 0" contype="0" conaffinity="0" rgba="1 1 1 1"/>
+    <body name="left_finger" pos="{_f(FINGER_POS)}">
+      {inertial}
+      <{finger.format(j="finger_joint1", r=_f(FINGER_RANGE), d=FINGER_DAMPING, a=FINGER_ARMATURE)}/>
+      <geom name="left_finger_geom" {pad}/>
     </body>
-    {_bin_xml() if with_bin else ""}
-    {_arm_joint_xml()}
+    <body name="right_finger" pos="{_f(FINGER_POS)}" quat="0 0 0 1">
+      {inertial}
+      <{finger.format(j="finger_joint2", r=_f(FINGER_RANGE), d=FINGER_DAMPING, a=FINGER_ARMATURE)}/>
+      <geom name="right_finger_geom" {pad}/>
+    </body>
+  </frame>"""
+    xml += "\n</body>" * len(PANDA_CHAIN)
+    return xml
+
+
+def _scene_geoms(task: str) -> Tuple[str, list]:
+    """Static task geoms (world body) and the names of those the cube, hand and pads touch."""
+    t = TASKS[task]
+    if not t["bins"]:
+        # Flat squares marking the cube and goal regions (visual only, as in the reference).
+        n = t["noise"]
+        xml = "".join(
+            f'<geom name="region_{k}" type="box" size="{n!r} {n!r} 0.0005" '
+            f'pos="{c[0]!r} {c[1]!r} 0.0005" contype="0" conaffinity="0" rgba="{rgba}"/>\n'
+            for k, c, rgba in (("cube", t["cube"], "0 0.2 0.8 1"), ("goal", t["goal"], "0.8 0 0 1")))
+        return xml, []
+    xml, names = "", []
+    h = BIN_WALL_HEIGHT / 2
+    for b, ((cx, cy), rgba) in enumerate(zip(BIN_CENTERS, ("0 0.2 0.8 1", "0.8 0 0 1"))):
+        for w, ((ox, oy), (hx, hy)) in enumerate(BIN_WALLS):
+            name = f"bin{'AB'[b]}{w + 1}"
+            names.append(name)
+            xml += (f'<geom name="{name}" type="box" size="{hx!r} {hy!r} {h!r}" '
+                    f'pos="{cx + ox!r} {cy + oy!r} {h!r}" contype="0" conaffinity="0" '
+                    f'rgba="{rgba}"/>\n')
+    return xml, names
+
+
+def build_xml(task: str) -> str:
+    """MJCF of a task's scene. Body order: cube, link1..link7, left finger, right finger."""
+    scene, walls = _scene_geoms(task)
+    hand = ["hand_geom", "left_finger_geom", "right_finger_geom"]
+    pairs = [("table", "cube")] + [(w, "cube") for w in walls]
+    for g in hand:
+        pairs += [("table", g)] + [(w, g) for w in walls]
+    pairs += [("cube", g) for g in hand] + [("left_finger_geom", "right_finger_geom")]
+    pair_xml = "\n    ".join(f'<pair geom1="{a}" geom2="{b}"/>' for a, b in pairs)
+    act = []
+    for i, (gain, kp, kd, force, crange) in enumerate(ARM_SERVO):
+        crange = crange or DEFAULT_CTRL_RANGE
+        act.append(f'<general name="actuator{i + 1}" joint="joint{i + 1}" dyntype="none" '
+                   f'biastype="affine" gainprm="{gain!r}" biasprm="0 {-kp!r} {-kd!r}" '
+                   f'ctrlrange="{_f(crange)}" forcerange="{-force!r} {force!r}"/>')
+    gain, kp, kd, force, crange = FINGER_SERVO
+    for i, j in enumerate(("finger_joint1", "finger_joint2")):
+        act.append(f'<general name="actuator{8 + i}" joint="{j}" dyntype="none" '
+                   f'biastype="affine" gainprm="{gain!r}" biasprm="0 {-kp!r} {-kd!r}" '
+                   f'ctrlrange="{_f(crange)}" forcerange="{-force!r} {force!r}"/>')
+    act_xml = "\n    ".join(act)
+    impratio = ' impratio="10"' if TASKS[task]["bins"] else ""
+    cx, cy = TASKS[task]["cube"]
+    return f"""
+<mujoco model="crl_panda_{task}">
+  <compiler angle="radian" autolimits="true"/>
+  <option timestep="{TIMESTEP!r}" iterations="{SOLVER_ITERATIONS}"
+          ls_iterations="{LS_ITERATIONS}" solver="Newton" cone="pyramidal"
+          integrator="implicitfast"{impratio}/>
+  <worldbody>
+    <geom name="table" type="plane" pos="{_f(TABLE_POS)}" size="2.8 2.4 0.1" contype="0"
+          conaffinity="0" rgba="0.6 0.5 0.4 1"/>
+    <geom name="base" type="cylinder" size="0.06 0.1665" pos="0 0 0.1665" contype="0"
+          conaffinity="0" group="2" rgba="0.9 0.9 0.9 1"/>
+    {scene}
+    <body name="cube" pos="{cx!r} {cy!r} {CUBE_START_Z!r}">
+      <freejoint name="cube"/>
+      <geom name="cube" type="box" size="{CUBE_HALF!r} {CUBE_HALF!r} {CUBE_HALF!r}"
+            contype="0" conaffinity="0" rgba="0 0.4 0 1"/>
+    </body>
+    {_arm_xml()}
   </worldbody>
+  <equality>
+    <joint joint1="finger_joint1" joint2="finger_joint2" solimp="0.95 0.99 0.001"
+           solref="0.005 1"/>
+  </equality>
   <contact>
     {pair_xml}
   </contact>
   <actuator>
-    {arm_servo}
-    <position name="a_fl" joint="fl" kp="300" forcerange="-20 20"/>
-    <position name="a_fr" joint="fr" kp="300" forcerange="-20 20"/>
+    {act_xml}
   </actuator>
 </mujoco>
 """
 
 
-# --- Kinematics ------------------------------------------------------------------------------
-
-def arm_ik(ee: jax.Array, psi: jax.Array) -> jax.Array:
-    """Joint targets (7,) putting the grip centre at `ee` with the hand pointing down, yaw psi.
-
-    Joints 3 and 5 stay 0, so joints 2, 4, 6 act as a planar 3-link arm in the vertical plane at
-    azimuth joint 1; joint 6 makes the hand vertical; joint 7 = joint1 - psi sets the finger axis.
-    """
-    x, y, z = ee[0], ee[1], ee[2]
-    q1 = jp.arctan2(y, x)
-    r = jp.sqrt(x * x + y * y)
-    h = z + L_HAND - SHOULDER_Z
-    d2 = r * r + h * h
-    c4 = jp.clip((d2 - L_UPPER ** 2 - L_FORE ** 2) / (2 * L_UPPER * L_FORE), -1.0, 1.0)
-    q4 = jp.arccos(c4)
-    q2 = jp.arctan2(r, h) - jp.arctan2(L_FORE * jp.sin(q4), L_UPPER + L_FORE * c4)
-    q6 = jp.pi - q2 - q4
-    q7 = q1 - psi
-    zero = jp.zeros_like(q1)
-    return jp.stack([q1, q2, zero, q4, zero, q6, q7])
-
-
-def clip_workspace(ee: jax.Array) -> jax.Array:
-    """Clips an end-effector target to the box EE_LOW..EE_HIGH, to a horizontal distance from the
-    base axis in [EE_R_MIN, EE_R_MAX], and to what the arm reaches with the hand pointing down."""
-    ee = jp.clip(ee, jp.array(EE_LOW), jp.array(EE_HIGH))
-    h = ee[2] + L_HAND - SHOULDER_Z
-    r_max = jp.minimum(EE_R_MAX, jp.sqrt(jp.maximum(WRIST_REACH ** 2 - h * h, 0.0)))
-    r = jp.sqrt(ee[0] ** 2 + ee[1] ** 2)
-    scale = jp.clip(r, EE_R_MIN, r_max) / jp.maximum(r, 1e-6)
-    return ee.at[:2].multiply(scale)
-
-
-def cube_yaw_features(quat: jax.Array) -> jax.Array:
-    """(cos 4y, sin 4y) of the cube's yaw y, whatever face it rests on (a cube looks the same
-    every quarter turn). Each body axis projected on the table, as a complex number u, adds u^4
-    (angle 4 * its yaw, weight |u|^4, so a vertical axis adds nothing); the sum is normalised."""
-    w, x, y, z = quat[0], quat[1], quat[2], quat[3]
-    # World x and y components of the body x, y, z axes (columns of the rotation matrix).
-    ax = jp.stack([1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)])
-    ay = jp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)])
-    re2, im2 = ax * ax - ay * ay, 2 * ax * ay
-    re4, im4 = (re2 * re2 - im2 * im2).sum(), (2 * re2 * im2).sum()
-    norm = jp.maximum(jp.sqrt(re4 * re4 + im4 * im4), 1e-6)
-    return jp.stack([re4 / norm, im4 / norm])
+def action_to_ctrl(action: jax.Array) -> jax.Array:
+    """The 9 actuator controls for a 5-dim action (see the module docstring)."""
+    lo, hi = jp.array(TARGET_LOW), jp.array(TARGET_HIGH)
+    arm = jp.zeros(7).at[jp.array(ACTION_JOINTS)].set(action[:4])
+    arm = (lo + hi) / 2 + arm * (hi - lo) / 2
+    grip = jp.where(action[4] > 0, GRIP_CLOSED_CTRL, GRIP_OPEN_CTRL)
+    return jp.concatenate([arm, jp.stack([grip, grip])])
 
 
 # --- Environments ----------------------------------------------------------------------------
 
 class _ArmEnv(GoalEnv, PipelineEnv):
-    """Shared arm machinery; subclasses define the cube/goal distributions and the scene."""
+    """Shared arm machinery; subclasses name their task."""
 
-    # qpos layout: cube free joint (0:7: position, quaternion), arm joints 1-7 (7:14), fingers
-    # (14:16); qvel: cube (0:6: linear, angular), arm (6:13), fingers (13:15).
-    _with_bin = False
+    _task = ""
 
     def __init__(self, far_goals: bool = False, backend: str = "mjx", n_frames: int = N_FRAMES,
                  **kwargs):
         if backend != "mjx":
             raise ValueError("arm environments run on the mjx backend only")
-        sys = mjcf.loads(build_xml(self._with_bin))
+        sys = mjcf.loads(build_xml(self._task))
         super().__init__(sys=sys, backend=backend, n_frames=n_frames, **kwargs)
+        t = TASKS[self._task]
         self.far_goals = far_goals
         self.state_dim = 17
         self.goal_indices = (0, 1, 2)
-        self.goal_reach_thresh = 0.1
-        self._grip_site = 0
-        self._home_q = arm_ik(jp.array(HOME_EE), jp.array(0.0))
+        self.goal_reach_thresh = SUCCESS_DIST
+        self.cube_center, self.goal_center, self.noise = t["cube"], t["goal"], t["noise"]
 
     @property
     def action_size(self) -> int:
         return 5
 
-    # Subclasses: cube xy range and goal range as (low, high) arrays.
     def _sample_cube_goal(self, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
-        raise NotImplementedError
+        """Cube start (x, y, 0.07) and goal (x, y, 0.03)."""
+        k1, k2 = jax.random.split(rng)
+        # far_goals: the cube from the outer half of its region along x, the goal from the outer
+        # half of the goal region (the cube region lies at -x of the goal region).
+        cx = (-1.0, -0.5) if self.far_goals else (-1.0, 1.0)
+        gx = (0.5, 1.0) if self.far_goals else (-1.0, 1.0)
+        uc = jax.random.uniform(k1, (2,), minval=jp.array([cx[0], -1.0]),
+                                maxval=jp.array([cx[1], 1.0]))
+        ug = jax.random.uniform(k2, (2,), minval=jp.array([gx[0], -1.0]),
+                                maxval=jp.array([gx[1], 1.0]))
+        cube = jp.array(self.cube_center) + self.noise * uc
+        goal = jp.array(self.goal_center) + self.noise * ug
+        return (jp.concatenate([cube, jp.array([CUBE_START_Z])]),
+                jp.concatenate([goal, jp.array([GOAL_Z])]))
 
-    @staticmethod
-    def _uniform_box(rng, center, half, u_low, u_high):
-        """center + half * u with u uniform in [u_low, u_high] per coordinate."""
-        u = jax.random.uniform(rng, (len(center),), minval=jp.array(u_low), maxval=jp.array(u_high))
-        return jp.array(center) + jp.array(half) * u
-
-    def _obs(self, ps, prev_ee: jax.Array, prev_gap: jax.Array, goal: jax.Array):
-        q, qd = ps.q, ps.qd
-        cube_pos = q[0:3]
-        cube_vel = qd[0:3]
-        ee = ps.site_xpos[self._grip_site]
-        dt = self.dt
-        ee_vel = (ee - prev_ee) / dt
-        psi = q[7] - q[13]
-        gap = q[14] + q[15]
-        gap_vel = (gap - prev_gap) / dt
+    def _obs(self, ps, goal: jax.Array) -> jax.Array:
+        fingers = ps.x.pos[RIGHT_FINGER_BODY] - ps.x.pos[LEFT_FINGER_BODY]
         state = jp.concatenate([
-            cube_pos, cube_vel, ee, ee_vel, psi[None], cube_yaw_features(q[3:7]), gap[None],
-            gap_vel[None]])
-        return jp.concatenate([state, goal]), ee, gap
+            ps.q[0:3], ps.q[ARM_Q], ps.x.pos[EEF_BODY], ps.xd.vel[EEF_BODY],
+            jp.linalg.norm(fingers)[None]])
+        return jp.concatenate([state, goal])
 
     def _metrics(self, cube_pos: jax.Array, goal: jax.Array):
         dist = jp.linalg.norm(cube_pos - goal)
@@ -307,36 +373,20 @@ class _ArmEnv(GoalEnv, PipelineEnv):
 
     def reset(self, rng: jax.Array) -> State:
         cube_xyz, goal = self._sample_cube_goal(rng)
-        q = jp.concatenate([cube_xyz, jp.array([1.0, 0.0, 0.0, 0.0]), self._home_q,
-                            jp.full((2,), FINGER_MAX)])
+        q = jp.concatenate([cube_xyz, jp.array([1.0, 0.0, 0.0, 0.0]), jp.array(HOME_Q),
+                            jp.full((2,), FINGER_HOME)])
         qd = jp.zeros(self.sys.qd_size())
-        ctrl = jp.concatenate([self._home_q, jp.full((2,), FINGER_MAX)])
-        ps = self.pipeline_init(q, qd, ctrl=ctrl)
-        ee = ps.site_xpos[self._grip_site]
-        gap = q[14] + q[15]
-        obs, _, _ = self._obs(ps, ee, gap, goal)
-        success, metrics = self._metrics(obs[0:3], goal)
+        ps = self.pipeline_init(q, qd)
+        obs = self._obs(ps, goal)
+        _, metrics = self._metrics(obs[0:3], goal)
         zero = jp.zeros(())
         return State(pipeline_state=ps, obs=obs, reward=zero, done=zero, metrics=metrics,
                      info={"goal": goal})
 
-    def _ctrl(self, ps, action: jax.Array) -> jax.Array:
-        a = jp.clip(action, -1.0, 1.0)
-        ee = ps.site_xpos[self._grip_site]
-        target = clip_workspace(ee + EE_STEP * a[0:3])
-        # Yaw integrates on the previously commanded yaw (ctrl of joints 1 and 7): measured yaw lags
-        # differently on the two joints, and re-basing on it would make the wrist drift.
-        psi = ps.ctrl[0] - ps.ctrl[6]
-        psi_t = jp.clip(psi + YAW_STEP * a[3], -jp.pi / 2, jp.pi / 2)
-        arm = arm_ik(target, psi_t)
-        finger = 0.5 * FINGER_MAX * (1.0 - a[4])
-        return jp.concatenate([arm, jp.stack([finger, finger])])
-
     def step(self, state: State, action: jax.Array) -> State:
-        ps0 = state.pipeline_state
-        ps = self.pipeline_step(ps0, self._ctrl(ps0, action))
+        ps = self.pipeline_step(state.pipeline_state, action_to_ctrl(action))
         goal = state.info["goal"]
-        obs, _, _ = self._obs(ps, state.obs[6:9], state.obs[15], goal)
+        obs = self._obs(ps, goal)
         success, new_metrics = self._metrics(obs[0:3], goal)
         metrics = {**state.metrics, **new_metrics}
         return state.replace(pipeline_state=ps, obs=obs, reward=success,
@@ -344,48 +394,20 @@ class _ArmEnv(GoalEnv, PipelineEnv):
 
 
 class ArmPush(_ArmEnv):
-    """Push the cube across the table to a goal on the table."""
+    """Push the cube from its region on the table to a goal in the adjacent region."""
 
     def __init__(self, hard: bool, far_goals: bool = False, **kwargs):
         self.hard = hard
-        if hard:
-            self._cube_c, self._cube_h = (0.42, -0.17), (0.12, 0.15)
-            self._goal_c, self._goal_h = (0.42, 0.17), (0.12, 0.15)
-        else:
-            self._cube_c, self._cube_h = (0.45, -0.1), (0.1, 0.1)
-            self._goal_c, self._goal_h = (0.45, 0.1), (0.1, 0.1)
+        self._task = "push_hard" if hard else "push_easy"
         super().__init__(far_goals=far_goals, **kwargs)
-
-    def _sample_cube_goal(self, rng):
-        k1, k2 = jax.random.split(rng)
-        # far_goals: cube from the -y end of its region, goal from the +y end of its region.
-        cy = (-1.0, -0.5) if self.far_goals else (-1.0, 1.0)
-        gy = (0.5, 1.0) if self.far_goals else (-1.0, 1.0)
-        cube = self._uniform_box(k1, self._cube_c, self._cube_h, (-1.0, cy[0]), (1.0, cy[1]))
-        goal = self._uniform_box(k2, self._goal_c, self._goal_h, (-1.0, gy[0]), (1.0, gy[1]))
-        z = jp.array([CUBE_HALF])
-        return jp.concatenate([cube, z]), jp.concatenate([goal, z])
 
 
 class ArmBinpick(_ArmEnv):
-    """Grasp the cube on the table, lift it and place it in the raised bin."""
-
-    _with_bin = True
+    """Pick the cube out of one bin and place it in the other."""
 
     def __init__(self, hard: bool = True, far_goals: bool = False, **kwargs):
         if not hard:
             raise ValueError("only ArmBinpick(hard=True) is defined")
         self.hard = hard
-        self._cube_c, self._cube_h = (0.45, -0.15), (0.1, 0.1)
-        self._goal_c, self._goal_h = BIN_CENTER, (0.05, 0.05)
+        self._task = "binpick_hard"
         super().__init__(far_goals=far_goals, **kwargs)
-
-    def _sample_cube_goal(self, rng):
-        k1, k2 = jax.random.split(rng)
-        cy = (-1.0, -0.5) if self.far_goals else (-1.0, 1.0)
-        gy = (0.5, 1.0) if self.far_goals else (-1.0, 1.0)
-        cube = self._uniform_box(k1, self._cube_c, self._cube_h, (-1.0, cy[0]), (1.0, cy[1]))
-        goal = self._uniform_box(k2, self._goal_c, self._goal_h, (-1.0, gy[0]), (1.0, gy[1]))
-        cube = jp.concatenate([cube, jp.array([CUBE_HALF])])
-        goal = jp.concatenate([goal, jp.array([BIN_FLOOR + CUBE_HALF])])
-        return cube, goal
