@@ -10,6 +10,22 @@ from pathlib import Path
 from crl.localhost import free_port, free_port_block, port_open, stop_process, wait_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR_ENV = "CRL_RESULTS_DIR"
+
+
+def record_result(name: str, row: dict, tmp_dir: Path) -> Path:
+    """Appends one JSON row of measured figures to `<dir>/<name>.jsonl` and returns the path.
+
+    <dir> is $CRL_RESULTS_DIR when set (scripts/record_reliability sets it to results/, the
+    deliberate command that regenerates docs/reliability.md's table), else the test's own
+    temporary directory: running the suite never changes the checkout."""
+    import json
+    out_dir = Path(os.environ.get(RESULTS_DIR_ENV) or tmp_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+    return path
 
 
 def start_role(args, log_path) -> subprocess.Popen:

@@ -6,7 +6,7 @@ for a bounded time.
 Asserts: every write confirmed (the server counts exactly the segments the actors saw confirmed:
 nothing lost, nothing duplicated), every params request answered, versions monotonic per actor.
 Reports p50/p99 latencies and the aggregate insert throughput (printed and appended to
-results/load.jsonl).
+results/load.jsonl via scripts/record_reliability).
 
 The replay table is sized so its rate limiter never holds inserts here (min size = capacity): this
 measures what the servers take, not the learner's pace (the UTD under load with real actors joining
@@ -28,10 +28,9 @@ import pytest
 
 from crl import config as C
 from crl.segments import segment_spec
-from helpers import REPO, free_port, port_open, stop_process, wait_for
+from helpers import REPO, free_port, record_result, port_open, stop_process, wait_for
 from test_security import make_cert
 
-RESULTS = REPO / "results" / "load.jsonl"
 NUM_ACTORS = 32
 DURATION_S = 12.0
 SEGMENTS_PER_WRITE = 8
@@ -104,16 +103,16 @@ def servers(tmp_path):
             f.close()
 
 
-def test_32_actors_write_and_poll_nothing_lost(servers):
-    run_load(servers, NUM_ACTORS, DURATION_S, MAX_WRITES)
+def test_32_actors_write_and_poll_nothing_lost(servers, tmp_path):
+    run_load(servers, NUM_ACTORS, DURATION_S, MAX_WRITES, tmp_path)
 
 
 @pytest.mark.slow
-def test_64_actors_longer(servers):
-    run_load(servers, 64, 40.0, 110)   # 64 x 110 x 8 = 56,320 segments < 60,000 items
+def test_64_actors_longer(servers, tmp_path):
+    run_load(servers, 64, 40.0, 110, tmp_path)   # 64 x 110 x 8 = 56,320 segments < 60,000 items
 
 
-def run_load(servers, num_actors, duration_s, max_writes):
+def run_load(servers, num_actors, duration_s, max_writes, tmp_path):
     import jax
     import reverb
     from crl.networks import CRLNetworks
@@ -200,9 +199,7 @@ def run_load(servers, num_actors, duration_s, max_writes):
         "errors": len(errors), "cpu_cores": os.cpu_count(),
     }
     print(json.dumps(row, indent=1))
-    RESULTS.parent.mkdir(exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    record_result("load", row, tmp_path)
 
     assert not errors, errors[:5]
     assert info.rate_limiter_info.insert_stats.completed == confirmed   # none lost, none doubled
