@@ -3,9 +3,10 @@
 # manifests in k8s/ run it. Two variants from one file:
 #   docker build -t ghcr.io/crl-scale/crl:0.1.0-cpu .
 #   docker build --build-arg JAX_VARIANT=cuda12 -t ghcr.io/crl-scale/crl:0.1.0-cuda12 .
-# Python dependencies are exactly uv.lock (uv sync --frozen); the cuda12 variant adds the CUDA 12
-# build of the same jaxlib (the jax-cuda12 PJRT plugin and NVIDIA's CUDA 12 wheels, pinned below).
-# GPU nodes need an NVIDIA driver >= 525.60 (CUDA 12 minor-version compatibility).
+# Python dependencies are exactly uv.lock (uv sync --frozen); the cuda12 variant syncs the lock's
+# `cuda` extra too: the CUDA 12 build of the same JAX (the jax-cuda12 PJRT plugin and NVIDIA's
+# CUDA 12.6 / cuDNN 9.5 wheels, every one pinned in uv.lock). GPU nodes need an NVIDIA driver
+# >= 560 (CUDA 12.6).
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
@@ -21,10 +22,16 @@ ENV UV_PROJECT_ENVIRONMENT=/opt/crl/venv \
 RUN pip install --no-cache-dir "uv==${UV_VERSION}"
 WORKDIR /src
 
-# 1. The locked third-party set (this layer is rebuilt only when the lock changes).
+# 1. The locked third-party set (this layer is rebuilt only when the lock changes); the variant
+#    picks the lock's extras.
 COPY pyproject.toml uv.lock ./
+RUN case "${JAX_VARIANT}" in \
+      cpu) echo "" > /opt/uv-extras ;; \
+      cuda12) echo "--extra cuda" > /opt/uv-extras ;; \
+      *) echo "JAX_VARIANT must be cpu or cuda12, got '${JAX_VARIANT}'" >&2; exit 1 ;; \
+    esac
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-install-project
+    uv sync --frozen --no-dev --no-install-project $(cat /opt/uv-extras)
 
 # 2. The project itself, installed (not editable): the runtime stage copies only the venv.
 COPY README.md ./
@@ -34,27 +41,7 @@ COPY learner ./learner
 COPY replay ./replay
 COPY protos ./protos
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable
-
-# 3. GPU variant: the CUDA 12 build of jaxlib 0.4.34 (same version as uv.lock's jax/jaxlib).
-RUN --mount=type=cache,target=/root/.cache/uv \
-    case "${JAX_VARIANT}" in \
-      cpu) ;; \
-      cuda12) uv pip install --python /opt/crl/venv/bin/python --no-deps \
-          jax-cuda12-plugin==0.4.34 \
-          jax-cuda12-pjrt==0.4.34 \
-          nvidia-cublas-cu12==12.6.3.3 \
-          nvidia-cuda-cupti-cu12==12.6.80 \
-          nvidia-cuda-nvcc-cu12==12.6.77 \
-          nvidia-cuda-runtime-cu12==12.6.77 \
-          nvidia-cudnn-cu12==9.5.1.17 \
-          nvidia-cufft-cu12==11.3.0.4 \
-          nvidia-cusolver-cu12==11.7.1.2 \
-          nvidia-cusparse-cu12==12.5.4.2 \
-          nvidia-nccl-cu12==2.23.4 \
-          nvidia-nvjitlink-cu12==12.6.77 ;; \
-      *) echo "JAX_VARIANT must be cpu or cuda12, got '${JAX_VARIANT}'" >&2; exit 1 ;; \
-    esac \
+    uv sync --frozen --no-dev --no-editable $(cat /opt/uv-extras) \
  && /opt/crl/venv/bin/crl --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------

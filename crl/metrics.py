@@ -60,6 +60,9 @@ class Backoff:
         self.delay = 0.1
 
 
+JAX_ROLES = ("learner", "actor", "evaluator")   # role name prefixes ("actor3")
+
+
 def run_role(role: str, cfg, args, run_fn) -> int:
     """Common main of a role process: logging, /metrics, SIGTERM/SIGINT -> graceful stop.
 
@@ -75,6 +78,9 @@ def run_role(role: str, cfg, args, run_fn) -> int:
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
+    if role.startswith(JAX_ROLES):
+        from crl.backend import describe
+        log.info("%s", describe())
     code = run_fn(stop, log)
     log.info("exiting with %d", code)
     logging.shutdown()

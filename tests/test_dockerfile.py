@@ -74,42 +74,55 @@ def test_multi_stage_pinned_base_and_non_root_entrypoint():
     assert f"uv=={_args()['UV_VERSION']}" in readme
 
 
-def test_installs_exactly_the_locked_set(tmp_path):
-    """Runs the Dockerfile's `uv sync` commands (dry run) on a copy of the build context's
-    pyproject.toml + uv.lock: they resolve from the lock alone (--frozen) and would install
-    exactly the packages `uv export --frozen --no-dev` lists."""
+VARIANT_EXTRAS = {"cpu": [], "cuda12": ["--extra", "cuda"]}
+
+
+def _variant_extras():
+    """{variant: extras} as the Dockerfile's case statement writes them to /opt/uv-extras."""
+    run = [r for _, w, r in _instructions() if w == "RUN" and "/opt/uv-extras" in r
+           and "case" in r][0]
+    out = {}
+    for variant, body in re.findall(r"(\w+)\) echo \"([^\"]*)\" > /opt/uv-extras", run):
+        out[variant] = body.split()
+    assert "*) echo" in run and "exit 1" in run      # an unknown variant fails the build
+    return out
+
+
+def _sync_commands(extras):
+    """The Dockerfile's `uv sync` commands with the variant's extras in place."""
+    cmds = []
+    for r in [r for _, w, r in _instructions() if w == "RUN" and "uv sync" in r]:
+        line = r[r.index("uv sync"):].split("&&")[0].replace("$(cat /opt/uv-extras)",
+                                                                " ".join(extras))
+        cmds.append(shlex.split(line))
+    return cmds
+
+
+@pytest.mark.parametrize("variant", ["cpu", "cuda12"])
+def test_installs_exactly_the_locked_set(tmp_path, variant):
+    """Runs the Dockerfile's `uv sync` commands (dry run) for each image variant on a copy of
+    the build context's pyproject.toml + uv.lock: they resolve from the lock alone (--frozen)
+    and would install exactly the packages `uv export --frozen --no-dev` (with the variant's
+    extras) lists; nothing is installed beside the lock but uv itself."""
     uv = shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not on PATH")
-    syncs = [r for _, w, r in _instructions() if w == "RUN" and "uv sync" in r]
-    assert len(syncs) == 2
-    cmds = []
-    for r in syncs:
-        cmd = shlex.split(r[r.index("uv sync"):])
+    extras = _variant_extras()
+    assert extras == VARIANT_EXTRAS, extras
+    cmds = _sync_commands(extras[variant])
+    assert len(cmds) == 2
+    for cmd in cmds:
         assert "--frozen" in cmd and "--no-dev" in cmd, cmd
         assert not {"--upgrade", "-U", "--refresh"} & set(cmd)
-        cmds.append(cmd)
     assert "--no-install-project" in cmds[0] and "--no-editable" in cmds[1]
     assert not re.search(r"uv (lock|add)\b", DOCKERFILE)
-    # Anything installed beside the lock is pinned to an exact version (uv itself, the CUDA
-    # variant's wheels).
-    for _, w, r in _instructions():
-        if w != "RUN" or "pip install" not in r:
-            continue
-        for name, value in _args().items():
-            r = r.replace("${%s}" % name, value)
-        for part in r.split("pip install")[1:]:
-            tokens = shlex.split(part.split(";;")[0].split("&&")[0])
-            pkgs, skip = [], False
-            for t in tokens:
-                if skip:
-                    skip = False
-                elif t in ("--python", "-p"):
-                    skip = True
-                elif not t.startswith("-"):
-                    pkgs.append(t)
-            assert pkgs and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][\w.]*", p)
-                                for p in pkgs), pkgs
+    for _, w, r in _instructions():   # uv itself is the only package installed by pip
+        if w == "RUN" and "pip install" in r:
+            for name, value in _args().items():
+                r = r.replace("${%s}" % name, value)
+            pkgs = [t for t in shlex.split(r.split("pip install")[1].split("&&")[0])
+                    if not t.startswith("-")]
+            assert pkgs and all(re.fullmatch(r"uv==[0-9][\w.]*", p) for p in pkgs), pkgs
     for f in ("pyproject.toml", "uv.lock", "README.md"):
         shutil.copy(REPO / f, tmp_path / f)
     env = dict(os.environ, UV_PROJECT_ENVIRONMENT=str(tmp_path / "venv"),
@@ -120,27 +133,26 @@ def test_installs_exactly_the_locked_set(tmp_path):
     assert proc.returncode == 0, proc.stderr
     would = set(re.findall(r"^ \+ (\S+)==(\S+)", proc.stderr + proc.stdout, re.M))
     export = subprocess.run([uv, "export", "--frozen", "--no-dev", "--no-hashes",
-                             "--no-emit-project", "--no-header", "--no-annotate"], cwd=tmp_path,
+                             "--no-emit-project", "--no-header", "--no-annotate",
+                             *extras[variant]], cwd=tmp_path,
                             env=env, capture_output=True, text=True, timeout=120)
     assert export.returncode == 0, export.stderr
     locked = set(re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)", export.stdout, re.M))
     norm = lambda s: {(n.lower().replace("_", "-"), v) for n, v in s}  # noqa: E731
     assert norm(would) == norm(locked) and len(locked) > 50
-    assert ("jax", _locked_version("jax")) in norm(would)
-    assert ("dm-reverb", "0.14.0") in norm(would)
-
-
-def test_cuda12_variant_pins_the_locked_jax():
     jax = _locked_version("jax")
-    assert _locked_version("jaxlib") == jax
+    assert ("jax", jax) in norm(would) and ("jaxlib", jax) in norm(would)
+    assert ("dm-reverb", "0.14.0") in norm(would)
+    cuda = {n for n, _ in norm(would) if n.startswith(("nvidia-", "jax-cuda12"))}
+    if variant == "cpu":
+        assert not cuda
+    else:   # the CUDA build of the same JAX, and NVIDIA's wheels, all from the lock
+        assert ("jax-cuda12-plugin", jax) in norm(would) and ("jax-cuda12-pjrt", jax) in norm(would)
+        assert len(cuda) >= 12 and ("nvidia-cudnn-cu12", "9.5.1.17") in norm(would)
+
+
+def test_default_variant_is_cpu_and_the_gpu_overlay_runs_cuda12():
     assert _args()["JAX_VARIANT"] == "cpu"
-    run = [r for _, w, r in _instructions() if w == "RUN" and "JAX_VARIANT" in r][0]
-    assert f"jax-cuda12-plugin=={jax}" in run and f"jax-cuda12-pjrt=={jax}" in run
-    assert "--no-deps" in run
-    pins = re.findall(r"(nvidia-[a-z0-9\-]+-cu12)==(\S+)", run)
-    assert len(pins) >= 10 and all(v[0].isdigit() for _, v in pins)
-    assert "cuda12)" in run and "*) echo" in run      # an unknown variant fails the build
-    # The gpu overlay runs the cuda12 image.
     assert "newTag: 0.1.0-cuda12" in (REPO / "k8s/overlays/gpu/kustomization.yaml").read_text()
 
 
