@@ -164,6 +164,83 @@ def compile_pair(depths: List[int], variant: str, batch: int, width: int, dims: 
     return {"times": {str(d): v for d, v in times.items()}, "cpu": {str(d): v for d, v in cpu.items()}}
 
 
+def _expansion_energy(sa_repr, g_repr):
+    """The former logits (before the exact energy): ||x||^2 + ||y||^2 - 2 x.y at default precision,
+    timed here as the baseline of the exact form."""
+    import jax.numpy as jnp
+    sq = (jnp.sum(sa_repr ** 2, -1)[:, None] + jnp.sum(g_repr ** 2, -1)[None, :]
+          - 2.0 * sa_repr @ g_repr.T)
+    return -jnp.sqrt(jnp.maximum(sq, 1e-12))
+
+
+def energy_pair(depth: int, variant: str, batch: int, width: int, dims: str, rounds: int) -> Dict:
+    """Cost of the exact energy against the former expansion, side by side in one process
+    (alternating, so the machine's load hits both alike): (1) the critic's logits alone,
+    InfoNCE + logsumexp-penalty value and gradient on [batch, repr_dim] representations, also for
+    the elementwise [B, B, D] form; (2) the whole sgd_step at `depth`, one learner traced with
+    each energy (crl.learning.pairwise_energy swapped while tracing the old one)."""
+    import jax
+    import jax.numpy as jnp
+    from crl import config as C
+    from crl import learning
+    from crl.networks import pairwise_energy
+    remat, dtype = VARIANTS[variant]
+    S, A, goal_idx = ENV_DIMS[dims]
+    o = {"algo.batch_size": batch, "learner.minibatches_per_call": 1,
+         "learner.segments_per_call": max(batch // 100 + 1, 1),
+         "replay.min_size_steps": 100_000, "replay.capacity_steps": 1_000_000}
+    for net in ("actor", "critic"):
+        o.update({f"network.{net}.depth": depth, f"network.{net}.width": width,
+                  f"network.{net}.remat": remat, f"network.{net}.dtype": dtype})
+    cfg = C.load(overrides=o)
+    D = cfg.network.repr_dim
+
+    def elementwise(x, y):
+        return -jnp.sqrt(jnp.maximum(jnp.sum((x[:, None] - y[None]) ** 2, -1), 1e-12))
+
+    def loss_of(energy):
+        def loss(x, y):
+            logits = energy(x, y)
+            lse = jax.nn.logsumexp(logits, 1)
+            return -jnp.mean(jnp.diag(logits) - lse) + 0.1 * jnp.mean(lse ** 2)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+    k = jax.random.split(jax.random.PRNGKey(0), 5)
+    x, y = jax.random.normal(k[0], (batch, D)), jax.random.normal(k[1], (batch, D))
+    fns = {"old": loss_of(_expansion_energy), "exact": loss_of(pairwise_energy),
+           "elementwise": loss_of(elementwise)}
+    mb = {"state": jax.random.normal(k[2], (batch, S)),
+          "action": jnp.tanh(jax.random.normal(k[3], (batch, A))),
+          "goal": jax.random.normal(k[4], (batch, len(goal_idx)))}
+    steps = {}
+    for name in ("old", "exact"):
+        if name == "old":   # traced with the former logits (the critic's offset is 0 here)
+            learning.pairwise_energy = lambda sa, g, offset=0: _expansion_energy(sa, g)
+        try:
+            learner = learning.make_learner(cfg, S, A, goal_idx)
+            ts = learner.init(jax.random.PRNGKey(0))
+            steps[name] = (learner.sgd_step.lower(ts, mb).compile(), ts)
+        finally:
+            learning.pairwise_energy = pairwise_energy
+    for f in fns.values():
+        jax.block_until_ready(f(x, y))
+    for c, ts in steps.values():
+        jax.block_until_ready(c(ts, mb))
+    t_energy = {n: [] for n in fns}
+    t_step = {n: [] for n in steps}
+    for _ in range(rounds):
+        for n, f in fns.items():
+            for _ in range(5 if n != "elementwise" else 1):
+                t0 = time.perf_counter()
+                jax.block_until_ready(f(x, y))
+                t_energy[n].append(time.perf_counter() - t0)
+        for n, (c, ts) in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(c(ts, mb))
+            t_step[n].append(time.perf_counter() - t0)
+    return {"energy_s": t_energy, "step_s": t_step}
+
+
 def scaling_figures(rows: List[Dict]) -> Dict[str, float]:
     """Depth scaling of one variant from its per-depth rows (sorted by depth): least-squares slope
     and intercept of the step time (wall and process CPU time), compile-time ratio deepest /
@@ -211,6 +288,9 @@ def main(argv=None) -> int:
         spec = json.loads(a.child)
         if "pair" in spec:
             print(json.dumps(compile_pair(**spec["pair"])), flush=True)
+            return 0
+        if "energy" in spec:
+            print(json.dumps(energy_pair(**spec["energy"])), flush=True)
             return 0
         cases = spec.pop("cases")
         for depth, variant in cases:
@@ -260,6 +340,7 @@ def main(argv=None) -> int:
             common.stop_process(proc, timeout_s=10)
     # Compile time, shallowest vs deepest, side by side in one process (fp32 or the first variant).
     pv = "fp32" if "fp32" in variants else variants[0]
+    _energy_side_by_side(min(depths), pv, spec, a)
     pair_depths = [min(depths), max(depths)]
     if pair_depths[0] == pair_depths[1]:
         return _summaries(results, spec, a)
@@ -284,6 +365,35 @@ def main(argv=None) -> int:
                    "rounds": len(pair["times"][lo])}, pr, out=a.out, quick=a.quick,
                   extra={"compile_s": pair["times"], "compile_cpu_s": pair["cpu"]})
     return _summaries(results, spec, a)
+
+
+def _energy_side_by_side(depth: int, variant: str, spec: Dict, a) -> None:
+    """Exact energy vs the former expansion (and the elementwise form), one child, alternating."""
+    proc = common.spawn(["-m", "benchmarks.update_step", "--child", json.dumps({"energy": {
+        "depth": depth, "variant": variant, "batch": spec["batch"], "width": spec["width"],
+        "dims": a.env_dims, "rounds": 3 if a.quick else 15}})], pipes=True)
+    try:
+        r = common.read_json_line(proc, 3600, "energy side by side")
+    finally:
+        common.stop_process(proc, timeout_s=10)
+    e = {n: statistics.median(v) for n, v in r["energy_s"].items()}
+    st = {n: statistics.median(v) for n, v in r["step_s"].items()}
+    f = {"energy_ratio_exact_old": e["exact"] / e["old"],
+         "energy_ratio_elementwise_exact": e["elementwise"] / e["exact"],
+         "step_ratio_exact_old": st["exact"] / st["old"],
+         "energy_exact_ms": 1e3 * e["exact"], "energy_old_ms": 1e3 * e["old"],
+         "energy_elementwise_ms": 1e3 * e["elementwise"],
+         "step_exact_s": st["exact"], "step_old_s": st["old"]}
+    print(f"\nenergy side by side ({variant}, batch {spec['batch']}, one process, alternating): "
+          f"logits loss + grad: former expansion {f['energy_old_ms']:.2f} ms, exact "
+          f"{f['energy_exact_ms']:.2f} ms (ratio {f['energy_ratio_exact_old']:.2f}), elementwise "
+          f"[B, B, D] {f['energy_elementwise_ms']:.1f} ms ({f['energy_ratio_elementwise_exact']:.1f}x "
+          f"exact); sgd_step at depth {depth}: {st['old']:.3f} s -> {st['exact']:.3f} s "
+          f"(ratio {f['step_ratio_exact_old']:.3f})", flush=True)
+    common.record("update_step", f"{variant} energy side by side",
+                  {**spec, "variant": variant, "depth": depth, "env_dims": a.env_dims,
+                   "rounds": len(r["step_s"]["old"])}, f, out=a.out, quick=a.quick,
+                  extra={"energy_s": r["energy_s"], "step_s": r["step_s"]})
 
 
 def _summaries(results: Dict[str, List[Dict]], spec: Dict, a) -> int:
