@@ -211,7 +211,8 @@ def _arm_xml() -> str:
         'joint name="{j}" type="slide" axis="0 1 0" range="{r}" damping="{d!r}" armature="{a!r}"')
     pad = f'type="box" size="{_f(FINGER_PAD_HALF)}" pos="{_f(FINGER_PAD_POS)}" ' \
           'contype="0" conaffinity="0" rgba="0.25 0.25 0.25 1"'
-    inertial = f'<inertial mass="{FINGER_MASS!r}" pos="0 0 0" diaginertia="2.375e-6 2.375e-6 7.5e-7"/>'
+    inertial = (f'<inertial mass="{FINGER_MASS!r}" pos="0 0 0" '
+                'diaginertia="2.375e-6 2.375e-6 7.5e-7"/>')
     xml += f"""
   <frame name="hand" pos="{_f(HAND_POS)}" quat="{_f(HAND_QUAT)}">
     <geom name="hand_geom" type="capsule" size="{_f(HAND_CAPSULE)}" pos="{_f(HAND_CAPSULE_POS)}"
@@ -240,7 +241,8 @@ def _scene_geoms(task: str) -> Tuple[str, list]:
         xml = "".join(
             f'<geom name="region_{k}" type="box" size="{n!r} {n!r} 0.0005" '
             f'pos="{c[0]!r} {c[1]!r} 0.0005" contype="0" conaffinity="0" rgba="{rgba}"/>\n'
-            for k, c, rgba in (("cube", t["cube"], "0 0.2 0.8 1"), ("goal", t["goal"], "0.8 0 0 1")))
+            for k, c, rgba in (("cube", t["cube"], "0 0.2 0.8 1"),
+                               ("goal", t["goal"], "0.8 0 0 1")))
         return xml, []
     xml, names = "", []
     h = BIN_WALL_HEIGHT / 2
