@@ -7,6 +7,7 @@ anything starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -100,13 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(cfg: C.Config) -> str:
-    """Resolved config + parameter counts, without allocating the networks."""
+    """What the config means, without allocating the networks: env sizes, parameter counts,
+    the GPU placement of `crl local`, advice (the YAML itself is printed separately)."""
+    from crl import placement
     from crl.envs import make_env
     from crl.networks import count_params
     env = make_env(cfg.env.name)
     counts = count_params(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    lines = [C.dumps(cfg).rstrip(), "",
-             f"env {cfg.env.name}: state_dim={env.state_dim} goal_dim={env.goal_dim} "
+    lines = [f"env {cfg.env.name}: state_dim={env.state_dim} goal_dim={env.goal_dim} "
              f"action_dim={env.action_size} episode_length={cfg.episode_length} "
              f"segment_length={cfg.segment_length}",
              f"replay: samples_per_insert={cfg.samples_per_insert:.3f} "
@@ -118,6 +120,11 @@ def describe(cfg: C.Config) -> str:
              f"total: {counts['actor'] + counts['critic']:,} parameters "
              f"({4 * (counts['actor'] + counts['critic']) / 2**20:.1f} MiB float32; "
              f"x3 with Adam moments)"]
+    gpus = placement.detect_gpus()
+    try:
+        lines += placement.describe(placement.plan(cfg, gpus))
+    except placement.PlacementError as e:
+        lines.append(f"placement: impossible on this machine ({len(gpus)} GPU(s)): {e}")
     lines += [f"advice: {a}" for a in C.advice(cfg)]
     return "\n".join(lines)
 
@@ -144,7 +151,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"crl {args.command}: {e}", file=sys.stderr)
         return 2
     if args.command == "config" or (args.command == "local" and args.dry_run):
-        print(describe(cfg))
+        # stdout is exactly the YAML (`crl config > run.yaml` round-trips through --config);
+        # the summary, and whatever imports print, go to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = describe(cfg)
+        print(summary, file=sys.stderr)
+        print(C.dumps(cfg), end="")
         return 0
     if args.command == "train":
         from crl import driver

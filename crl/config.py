@@ -141,6 +141,16 @@ class ServiceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GpusConfig:
+    """GPU placement of `crl local`'s roles (crl/placement.py). Pods get theirs from k8s."""
+    count: int = -1                     # GPUs to place roles on: -1 = every usable one, 0 = CPU only
+    learner: int = 1                    # the first `learner` GPUs are the learner's (its pmap)
+    learner_mem_fraction: float = 0.9   # XLA_PYTHON_CLIENT_MEM_FRACTION of the learner
+    share_learner_gpus: bool = False    # no GPU left: actors/evaluator share the learner's
+    rollout_mem_fraction: float = 0.0   # per actor/evaluator; 0 = an equal share of what is left
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -156,6 +166,7 @@ class Config:
     learner: LearnerConfig = LearnerConfig()
     eval: EvalConfig = EvalConfig()
     service: ServiceConfig = ServiceConfig()
+    gpus: GpusConfig = GpusConfig()
     run: RunConfig = RunConfig()
 
     # Derived values: one place, so every role computes them the same way.
@@ -474,6 +485,13 @@ def _errors(cfg: Config) -> List[str]:
             errs.append(f"service.{n} = {addr!r}: must be host:port with port in 1..65535")
     if not 0 < cfg.service.metrics_port < 65536:
         errs.append(f"service.metrics_port = {cfg.service.metrics_port}: must be in 1..65535")
+    if cfg.gpus.count < -1:
+        errs.append(f"gpus.count = {cfg.gpus.count}: -1 (every usable GPU), 0 (CPU) or a count")
+    if not 0 < cfg.gpus.learner_mem_fraction <= 1:
+        errs.append(f"gpus.learner_mem_fraction = {cfg.gpus.learner_mem_fraction}: must be in (0, 1]")
+    if not 0 <= cfg.gpus.rollout_mem_fraction <= 1:
+        errs.append(f"gpus.rollout_mem_fraction = {cfg.gpus.rollout_mem_fraction}: must be in "
+                    "[0, 1] (0 = an equal share)")
     errs.extend(_port_errors(cfg))
     errs.extend(_directory_errors(cfg))
     for name, value in _leaf_values(cfg):

@@ -39,6 +39,7 @@ class Child:
         self.exit_codes: List[int] = []
         self.events: List[Dict] = []       # {"t": seconds since launch, "exit_code", "restart"}
         self.stop_s: Optional[float] = None
+        self.env: Dict[str, str] = {}      # its GPU placement (crl/placement.py)
 
     @property
     def url(self) -> str:
@@ -49,7 +50,7 @@ class Child:
         log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n")
         log.flush()
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **self.env)
         # Own session: the terminal's Ctrl-C reaches the launcher only, which stops the roles
         # in order. Parent-death signal: a launcher killed by SIGKILL takes its roles with it.
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
@@ -191,6 +192,15 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     actors = [Child(f"actor{i}", "actor", ["--actor-id", str(i)], base + 3 + i, cfg_path, log_dir)
               for i in range(cfg.actor.num_actors)]
     children = [replay, learner, evaluator] + actors
+    from crl import placement
+    try:
+        plan = placement.plan(cfg, placement.detect_gpus())
+    except placement.PlacementError as e:
+        print(f"[local] invalid config: {e}", file=out, flush=True)
+        lock.close()
+        return 2
+    for c in children:
+        c.env = plan[c.name]
 
     interrupted = []
     previous = {s: signal.signal(s, lambda *_: interrupted.append(1))
@@ -201,6 +211,9 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     status = 0
     try:
         print(f"[local] run dir {run_dir}; logs in {log_dir}", file=out, flush=True)
+        if any(env.get("CUDA_VISIBLE_DEVICES") for env in plan.values()):
+            for line in placement.describe(plan):
+                print(f"[local] {line}", file=out, flush=True)
         replay.start()
         _write_pids(run_dir, children)
         _wait_port(cfg.service.replay_address, startup_timeout_s, replay)

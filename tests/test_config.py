@@ -134,3 +134,23 @@ def test_advice_names_an_over_fetching_learner_and_stays_quiet_otherwise():
                                 "learner.minibatches_per_call": 125})
     assert C.advice(matched) == [] and "advice:" not in describe(matched)
     assert C.advice(C.load()) == []      # the default point maze
+
+
+def test_crl_config_stdout_is_exactly_the_yaml_it_reads_back(tmp_path):
+    """`crl config > run.yaml` must give a file `--config run.yaml` accepts unchanged: the
+    summary (sizes, parameter counts, GPU placement) and import warnings go to stderr."""
+    import subprocess
+    import sys
+    import yaml
+    from helpers import REPO
+    proc = subprocess.run([sys.executable, "-m", "crl.cli", "config", "--network.critic.depth",
+                           "8", "--env.num_envs", "32"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = yaml.safe_load(proc.stdout)
+    assert isinstance(data, dict) and data["network"]["critic"]["depth"] == 8
+    assert "parameters" in proc.stderr and "placement: learner" in proc.stderr
+    saved = tmp_path / "run.yaml"
+    saved.write_text(proc.stdout)
+    assert C.load(str(saved)) == C.load(overrides={"network.critic.depth": 8,
+                                                   "env.num_envs": 32})

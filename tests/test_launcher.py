@@ -58,6 +58,11 @@ def test_second_launcher_refused_and_roles_die_with_a_killed_launcher(tmp_path):
                  "replay and the learner to start")
         assert first.poll() is None, (tmp_path / "first.out").read_text()[-3000:]
 
+        for name in ("replay", "learner"):   # the placement reached the children (no GPU here)
+            environ = dict(kv.split("=", 1) for kv in
+                           open(f"/proc/{pids[name]}/environ").read().split("\0") if "=" in kv)
+            assert environ.get("CUDA_VISIBLE_DEVICES") == "", (name, environ.get("CUDA_VISIBLE_DEVICES"))
+
         second = _local(run_dir, base + 4, tmp_path / "second.out")
         rc = second.wait(timeout=120)
         out = (tmp_path / "second.out").read_text()
