@@ -15,6 +15,7 @@ import typing
 from typing import List, Optional
 
 from crl import config as C
+from crl.cli_help import Parser, field_descriptions
 
 SUBCOMMANDS = {
     "config": "print the resolved config and the parameter count of each network (a dry run)",
@@ -61,9 +62,11 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="YAML config file; command-line options override it (default: none)")
     group = parser.add_argument_group("config fields (override the YAML file)")
+    descriptions = field_descriptions()
     for name, tp, default in C.field_items():
+        text = descriptions.get(name, "")
         group.add_argument(f"--{name}", dest=f"cfg:{name}", default=None, metavar=_type_name(tp),
-                           help=f"(default: {default!r})")
+                           help=f"{text} (default: {default!r})".lstrip())
 
 
 def config_from_args(args: argparse.Namespace) -> C.Config:
@@ -72,11 +75,12 @@ def config_from_args(args: argparse.Namespace) -> C.Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="crl", description="Distributed deep residual Contrastive RL (CRL).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run `crl SUBCOMMAND --help` for every option and its default.")
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+    parser.subcommands = sub.choices   # {name: its parser}: main() reports unknown flags there
     for name, help_text in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "train":
@@ -136,7 +140,10 @@ def prepare_run_dir(cfg: C.Config) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:   # with that subcommand's usage and a close match
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if getattr(args, "tool_main", None) is not None:
         try:
             return args.tool_main(args)

@@ -28,10 +28,10 @@ class EnvConfig:
 @dataclasses.dataclass(frozen=True)
 class NetworkConfig:
     depth: int = 4                      # Dense layers inside residual blocks; multiple of 4
-    width: int = 256
-    activation: Activation = "swish"
+    width: int = 256                   # units of every Dense layer
+    activation: Activation = "swish"    # nonlinearity after each LayerNorm
     residual: bool = True               # False: the same blocks without the skip connection
-    layer_norm: bool = True
+    layer_norm: bool = True             # LayerNorm before each activation
     remat: bool = False                 # rematerialise each block in the backward pass
     dtype: DType = "float32"            # matmul compute dtype; params always float32
 
@@ -40,17 +40,17 @@ class NetworkConfig:
 class NetworksConfig:
     actor: NetworkConfig = NetworkConfig()
     critic: NetworkConfig = NetworkConfig()   # both encoders phi(s, a) and psi(g)
-    repr_dim: int = 64
+    repr_dim: int = 64                  # dimension of phi(s, a) and psi(g)
 
 
 @dataclasses.dataclass(frozen=True)
 class AlgoConfig:
     batch_size: int = 256               # relabelled transitions per minibatch (global, all devices)
     discount: float = 0.99              # goal sampling P(j) ∝ discount^(j - t)
-    actor_lr: float = 3e-4
-    critic_lr: float = 3e-4
-    alpha_lr: float = 3e-4
-    logsumexp_penalty: float = 0.1
+    actor_lr: float = 3e-4              # Adam learning rate of the actor
+    critic_lr: float = 3e-4             # Adam learning rate of both encoders
+    alpha_lr: float = 3e-4              # Adam learning rate of log alpha (entropy temperature)
+    logsumexp_penalty: float = 0.1      # weight of mean(logsumexp_j L_ij)^2 in the critic loss
     target_entropy_scale: float = 0.5   # H_target = -scale * |A|
 
 
@@ -62,7 +62,7 @@ class ReplayConfig:
     utd: float = 0.05                   # gradient steps per env step, held by the rate limiter
     utd_tolerance: float = 0.1          # rate-limiter error buffer, as a fraction of min size
     checkpoint_dir: str = ""            # "" = <run_dir>/replay_checkpoints
-    checkpoint_interval_s: float = 300.0
+    checkpoint_interval_s: float = 300.0   # seconds between replay checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +70,7 @@ class ActorConfig:
     num_actors: int = 2                 # actor processes (the local launcher); k8s: replicas
     param_refresh_s: float = 1.0        # how often the background thread asks for newer params
     write_timeout_s: float = 30.0       # bound on every flush to Reverb
-    seed: int = 0
+    seed: int = 0                       # base of the actors' env and policy PRNG keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +92,12 @@ class LearnerConfig:
     # or with False keeps serving those params until SIGTERM (a Kubernetes Deployment would
     # otherwise restart a learner that exited).
     exit_at_budget: bool = True
-    seed: int = 0
+    seed: int = 0                       # PRNG key of the networks' init and the updates
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    num_envs: int = 64
+    num_envs: int = 64                  # episodes per evaluation (one per env)
     interval_s: float = 10.0            # how often the evaluator looks for newer params
     far_goals: bool = False             # the paper's far-goal evaluation variant
     # Where on the env-step axis to evaluate (the paper: 100 evaluations spread evenly over the
@@ -105,15 +105,15 @@ class EvalConfig:
     # k * every_env_steps; num_evals > 0 sets every_env_steps = total_env_steps / num_evals.
     # Both 0: every new version found at each poll (wall-clock cadence).
     every_env_steps: int = 0
-    num_evals: int = 0
+    num_evals: int = 0                  # evaluations spread evenly over the budget (0 = not used)
     goal_set: Literal["train", "eval"] = "train"   # "eval": the env's `_eval` layout (authors')
 
 
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
-    host: str = "127.0.0.1"
-    replay_address: str = "127.0.0.1:18000"
-    params_address: str = "127.0.0.1:18001"
+    host: str = "127.0.0.1"             # interface the learner and metrics bind (0.0.0.0 in pods)
+    replay_address: str = "127.0.0.1:18000"   # host:port of the Reverb replay server
+    params_address: str = "127.0.0.1:18001"   # host:port of the learner's ParameterService
     metrics_port: int = 19000           # local launcher: role k gets metrics_port + k
     rpc_timeout_s: float = 10.0         # bound on every blocking call across processes
     max_message_mb: int = 4             # gRPC chunk size for params streams
@@ -152,8 +152,8 @@ class GpusConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
+    run_dir: str = "runs/default"       # config, logs, checkpoints, eval.jsonl of this run
+    seed: int = 0                       # seed of the in-process driver and the evaluator
 
 
 @dataclasses.dataclass(frozen=True)

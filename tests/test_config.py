@@ -154,3 +154,22 @@ def test_crl_config_stdout_is_exactly_the_yaml_it_reads_back(tmp_path):
     saved.write_text(proc.stdout)
     assert C.load(str(saved)) == C.load(overrides={"network.critic.depth": 8,
                                                    "env.num_envs": 32})
+
+
+def test_cli_help_describes_fields_and_refuses_abbreviated_or_unknown_flags():
+    import subprocess
+    import sys
+    from helpers import REPO
+    from crl.cli_help import field_descriptions
+    names = [n for n, _, _ in C.field_items()]
+    assert set(names) <= set(field_descriptions()), set(names) - set(field_descriptions())
+    run = lambda *a: subprocess.run([sys.executable, "-m", "crl.cli", *a], cwd=REPO,  # noqa: E731
+                                    capture_output=True, text=True, timeout=300)
+    help_text = run("local", "--help").stdout
+    assert "one of crl.envs.env_names()" in help_text and "(default: 'point_maze_u')" in help_text
+    for flags, hint in ((["--env.nam", "ant"], "did you mean --env.name?"),
+                        (["--eval.num_eval", "3"], "did you mean --eval.num_evals?")):
+        proc = run("config", *flags)
+        assert proc.returncode == 2 and "usage: crl config" in proc.stderr, proc.stderr[-500:]
+        assert "unrecognized arguments" in proc.stderr and hint in proc.stderr, proc.stderr[-500:]
+        assert proc.stdout == ""
