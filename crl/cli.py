@@ -171,11 +171,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         with open(os.path.join(run_dir, "history.jsonl"), "w") as f:
             def log(msg):
                 print(msg, flush=True)
-            history = driver.train(cfg, num_evals=args.num_evals, log=log)
+            history = driver.train(cfg, num_evals=args.num_evals, log=log, tensorboard=True)
             for row in history:
                 f.write(json.dumps(row) + "\n")
         print(f"[train] done: final time_at_goal={history[-1]['time_at_goal']:.1f}; "
-              f"history in {run_dir}/history.jsonl")
+              f"history in {run_dir}/history.jsonl; curves: tensorboard --logdir {run_dir}/tb")
         return 0
     role_main = _role_entry(args.command)
     return role_main(cfg, args)

@@ -17,6 +17,7 @@ from crl.config import Config
 from crl.envs import make_env
 from crl.learning import Updater
 from crl.rollout import Unroller
+from crl.tensorboard import ScalarWriter
 
 SEGMENT_FIELDS = ("state", "action", "episode_id")
 
@@ -53,12 +54,13 @@ class SegmentStore:
 
 def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], None]] = print,
           return_state: bool = False,
-          on_eval: Optional[Callable[[Dict[str, float], "object"], None]] = None):
+          on_eval: Optional[Callable[[Dict[str, float], "object"], None]] = None,
+          tensorboard: bool = False):
     """Trains for cfg.learner.total_env_steps env steps; returns the evaluation history
     (a list of dicts), or (history, final TrainState) with return_state=True.
 
     on_eval(row, train_state) is called after every evaluation (e.g. to save params of several
-    points of one run)."""
+    points of one run). tensorboard: scalars to <run_dir>/tb/driver against env steps."""
     env = make_env(cfg.env.name)
     key = jax.random.PRNGKey(cfg.run.seed)
     k_learner, k_actor, k_eval, k_sample = jax.random.split(key, 4)
@@ -75,6 +77,7 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
         "episode_id": ((T,), jnp.int32)})
 
     actor_state = unroller.reset(k_actor)
+    tb = ScalarWriter(cfg.run.run_dir, "driver") if tensorboard else None
     env_steps = sgd_calls = 0
     history: List[Dict[str, float]] = []
     eval_interval = cfg.learner.total_env_steps / max(num_evals, 1)
@@ -89,6 +92,8 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
                    "time_at_goal": float(ev["time_at_goal"]), "success": float(ev["success"]),
                    "wall_s": time.time() - t0, **metrics}
             history.append(row)
+            if tb is not None:
+                tb.write(env_steps, {k: v for k, v in row.items() if k != "env_steps"}, "eval/")
             if on_eval is not None:
                 on_eval(row, updater.host_state())
             if log:
@@ -109,6 +114,10 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
             k_sample, k = jax.random.split(k_sample)
             metrics = updater.update(store.sample(k, cfg.learner.segments_per_call))
             sgd_calls += 1
+            if tb is not None:
+                tb.write(env_steps, metrics, "learner/")
+    if tb is not None:
+        tb.close()
     if return_state:
         return history, updater.host_state()
     return history

@@ -35,6 +35,7 @@ from crl.learning import PROGRESS_KEY, progress_template
 from crl.networks import CRLNetworks
 from crl.params_service import client_from_config, security_from_config
 from crl.rollout import Unroller
+from crl.tensorboard import ScalarWriter
 
 TIME_AT_GOAL = prom.Gauge("crl_eval_time_at_goal", "Mean steps at goal per episode (0..episode length)")
 SUCCESS = prom.Gauge("crl_eval_success", "Fraction of episodes that reached the goal")
@@ -85,6 +86,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     history = os.path.join(cfg.run.run_dir, "eval.jsonl")
     key = jax.random.PRNGKey(cfg.run.seed + 12345)
     schedule = EvalSchedule(cfg.eval_every_env_steps)
+    tb = ScalarWriter(cfg.run.run_dir, "evaluator")
     version = seen = -1     # last version evaluated / last version whose progress was read
     while not stop.is_set():
         got = None
@@ -115,6 +117,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
                 log.info("stop requested during the evaluation of version %d: abandoned (nothing "
                          "to save; earlier evaluations are in %s); exiting 0", version, history)
                 client.close()
+                tb.close()
                 logging.shutdown()
                 os._exit(0)
             row = {"params_version": version, "env_steps": progress["env_steps"],
@@ -129,6 +132,10 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             EVALS.inc()
             with open(history, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            tb.write(row["env_steps"], {k: row[k] for k in ("time_at_goal", "success",
+                                                            "sgd_steps", "params_version",
+                                                            "eval_s")}, "eval/")
+            tb.flush()   # rare rows; an abandoned evaluation exits at once
             skipped = schedule.evaluated(row["env_steps"])
             if skipped:
                 SKIPPED.inc(skipped)
@@ -139,6 +146,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
                      row["env_steps"], row["time_at_goal"], row["success"])
         stop.wait(cfg.eval.interval_s)
     client.close()
+    tb.close()
     return 0
 
 

@@ -210,7 +210,8 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     t0 = time.monotonic()
     status = 0
     try:
-        print(f"[local] run dir {run_dir}; logs in {log_dir}", file=out, flush=True)
+        print(f"[local] run dir {run_dir}; logs in {log_dir}; curves: tensorboard --logdir "
+              f"{os.path.join(run_dir, 'tb')}", file=out, flush=True)
         if any(env.get("CUDA_VISIBLE_DEVICES") for env in plan.values()):
             for line in placement.describe(plan):
                 print(f"[local] {line}", file=out, flush=True)

@@ -55,6 +55,7 @@ from crl.envs import make_env
 from crl.learning import (PROGRESS_KEY, Updater, all_finite, params_of, progress_of,
                           resolve_num_devices)
 from crl.params_service import security_from_config, server_from_config
+from crl.tensorboard import ScalarWriter
 from learner.checkpoint import LearnerCheckpointer
 from learner.publisher import ParamsPublisher
 
@@ -292,6 +293,8 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             "offered_calls": counters["update_calls"], "dirty": False, "mode": "train",
             "owed": 0, "ckpt_due": False}
     pending = loop["pending"]   # [(UpdateResult, mean params version of its batch)]
+    tb = ScalarWriter(cfg.run.run_dir, "learner")
+    curves = {"t": time.monotonic(), "sgd": loop["sgd_steps"]}   # last TensorBoard write
 
     def offer(params) -> None:
         counters["params_version"] += 1
@@ -334,6 +337,16 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         SGD_STEPS.set(loop["sgd_steps"])
         for k, v in metrics.items():
             LOSS.labels(name=k).set(v)
+        now = time.monotonic()
+        if now - curves["t"] >= 1.0:   # TensorBoard: every scalar once a second, on env steps
+            after_prefill = counters["env_steps"] - cfg.replay.min_size_steps
+            tb.write(counters["env_steps"], {
+                **metrics, "sgd_steps": loop["sgd_steps"],
+                "sgd_steps_per_s": (loop["sgd_steps"] - curves["sgd"]) / (now - curves["t"]),
+                "utd": loop["sgd_steps"] / after_prefill if after_prefill > 0 else 0.0,
+                "policy_lag_versions": counters["params_version"] - data_version,
+                "params_version": counters["params_version"]}, "learner/")
+            curves.update(t=now, sgd=loop["sgd_steps"])
         LAG.set(counters["params_version"] - data_version)
         if r.params is not None and counters["update_calls"] - loop["offered_calls"] >= every:
             offer(r.params)
@@ -497,6 +510,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         stop.wait()
     server.stop(grace=1.0)
     checkpointer.close()
+    tb.close()
     return loop["exit"]
 
 

@@ -123,6 +123,11 @@ def test_evaluations_on_the_env_step_axis_with_env_and_sgd_steps(tmp_path):
     assert env_steps == sorted(env_steps) and env_steps[0] == 0
     points = [e // 2000 for e in env_steps]
     assert len(set(points)) == len(points), env_steps          # one evaluation per point
+    # TensorBoard: the same evaluations, each at its version's env steps.
+    from crl.tensorboard import read_scalars
+    curves = read_scalars(str(tmp_path / "tb" / "evaluator"))
+    assert [s for s, _ in curves["eval/time_at_goal"]] == env_steps
+    assert [v for _, v in curves["eval/sgd_steps"]] == [r["sgd_steps"] for r in rows]
     # The first version at or past its point, unless the evaluator was still busy at that point
     # (then a later one; the point is logged as skipped only when it was passed over entirely).
     assert sum(e % 2000 == 0 for e in env_steps) >= 2, env_steps

@@ -251,6 +251,14 @@ def test_role_publishes_off_the_loop_newest_finite_state_and_final_at_stop(role_
     ckpt.close()
     assert counters["params_version"] == versions[-1]
     assert same({"actor": state.actor_params, "critic": state.critic_params}, published[-1][1])
+    # TensorBoard: losses, alpha, grad norms, SGD steps/s, UTD and lag against env steps.
+    from crl.tensorboard import read_scalars
+    curves = read_scalars(str(tmp_path / "tb" / "learner"))
+    for tag in ("critic_loss", "actor_loss", "alpha", "critic_grad_norm", "sgd_steps_per_s",
+                "utd", "policy_lag_versions"):
+        assert curves.get(f"learner/{tag}"), sorted(curves)
+    steps = [s for s, _ in curves["learner/critic_loss"]]
+    assert steps == sorted(steps) and 0 < steps[-1] <= final["env_steps"]
     writer.close()
     client.close()
 

@@ -182,7 +182,10 @@ def run_point(run_dir: str, num_evals: int, log_file=None) -> Dict[str, Any]:
     with open(hist_path + ".partial", "w") as hist:
         def log(msg):
             print(msg, file=out, flush=True)
-        history, state = driver.train(cfg, num_evals=num_evals, log=log, return_state=True)
+        # Curves in the point's own directory, wherever the sweep was moved to.
+        history, state = driver.train(C.override(cfg, {"run.run_dir": run_dir}),
+                                      num_evals=num_evals, log=log, return_state=True,
+                                      tensorboard=True)
         for row in history:
             hist.write(json.dumps(row) + "\n")
     os.replace(hist_path + ".partial", hist_path)
