@@ -57,7 +57,9 @@ class AlgoConfig:
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:
     capacity_steps: int = 200_000       # env steps held (items = capacity_steps / segment_length)
-    min_size_steps: int = 12_800        # env steps stored before sampling starts (prefill)
+    # Env steps stored before sampling starts (prefill); 0 = derived from the env: the larger of
+    # 12,800 and one learner sample (learner.segments_per_call x segment length).
+    min_size_steps: int = 0
     segment_length: int = 0             # steps per item; 0 = episode length
     utd: float = 0.05                   # gradient steps per env step, held by the rate limiter
     utd_tolerance: float = 0.1          # rate-limiter error buffer, as a fraction of min size
@@ -315,8 +317,22 @@ def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None)
         cfg = from_dict(data)
     if overrides:
         cfg = override(cfg, overrides)
+    cfg = derive_defaults(cfg)
     validate(cfg)
     return cfg
+
+
+DEFAULT_PREFILL_STEPS = 12_800
+
+
+def derive_defaults(cfg: Config) -> Config:
+    """Fields left at 0 = "derived from the env" get their value, so the YAML a run writes holds
+    concrete numbers: replay.min_size_steps = max(12,800, one learner sample)."""
+    from crl.envs import ENV_SPECS
+    if cfg.env.name not in ENV_SPECS or cfg.replay.min_size_steps != 0:
+        return cfg
+    one_sample = cfg.learner.segments_per_call * cfg.segment_length
+    return override(cfg, {"replay.min_size_steps": max(DEFAULT_PREFILL_STEPS, one_sample)})
 
 
 def dump(cfg: Config, path: str) -> None:
@@ -532,7 +548,9 @@ def _errors(cfg: Config) -> List[str]:
                     f"{r.capacity_steps}")
     if l.segments_per_call * seg > r.min_size_steps:
         errs.append(f"replay.min_size_steps = {r.min_size_steps}: must hold at least one learner "
-                    f"sample (learner.segments_per_call x segment length = {supply} steps)")
+                    f"sample (learner.segments_per_call x segment length = {supply} steps); set "
+                    f"replay.min_size_steps >= {supply} (or 0: derived from the env) or "
+                    f"learner.segments_per_call <= {max(1, r.min_size_steps // seg)}")
     return errs
 
 

@@ -173,3 +173,16 @@ def test_cli_help_describes_fields_and_refuses_abbreviated_or_unknown_flags():
         assert proc.returncode == 2 and "usage: crl config" in proc.stderr, proc.stderr[-500:]
         assert "unrecognized arguments" in proc.stderr and hint in proc.stderr, proc.stderr[-500:]
         assert proc.stdout == ""
+
+
+def test_every_env_validates_with_the_other_defaults():
+    """`crl local --env.name E` needs no other flag: env-dependent defaults (the prefill) are
+    derived from the env unless set, and the run's YAML holds the derived number."""
+    from crl.envs import env_names
+    for name in env_names():
+        cfg = C.load(overrides={"env.name": name})
+        one_sample = cfg.learner.segments_per_call * cfg.segment_length
+        assert cfg.replay.min_size_steps == max(12_800, one_sample), name
+    with pytest.raises(C.ConfigError, match=r"set replay.min_size_steps >= 32000 .* or "
+                                            r"learner.segments_per_call <= 12"):
+        C.load(overrides={"env.name": "ant", "replay.min_size_steps": 12_800})
