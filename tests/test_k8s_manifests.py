@@ -556,3 +556,11 @@ def test_no_secret_in_any_manifest(rendered):
     assert _secret_findings(f"x: {secrets.token_urlsafe(32)}\n")
     assert _secret_findings("data:\n  tls.key: |\n    -----BEGIN PRIVATE KEY-----\n")
     assert _secret_findings("apiVersion: v1\nkind: Secret\n")
+
+
+def test_kubectl_apply_k_k8s_is_the_cpu_overlay(rendered):
+    """The design's promise, `kubectl apply -k k8s/`, renders (kustomize finds the root
+    kustomization) and is exactly the CPU overlay."""
+    from pathlib import Path
+    root = T.objects(T.render(Path(T.K8S)))
+    assert root == rendered["cpu"][1]

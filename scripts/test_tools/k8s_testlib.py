@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,9 +28,10 @@ MONITORING = K8S / "base" / "monitoring"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Below the ephemeral range (crl/localhost.py: a client connecting early to a port of that
+    range can be connected to itself)."""
+    from crl.localhost import free_port as below_ephemeral
+    return below_ephemeral()
 
 
 def render(path: Path) -> str:
