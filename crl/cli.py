@@ -93,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="print the resolved config and parameter counts, start nothing")
         if name in ("actor",):
             p.add_argument("--actor-id", type=int, default=0, help="index of this actor (default: 0)")
+        if name == "evaluate":
+            p.add_argument("--checkpoint", default=None, metavar="RUN[@STEP]",
+                           help="evaluate saved params offline (no learner): the newest Orbax "
+                                "checkpoint or params.npz of RUN, RUN@STEP, RUN@init; on the "
+                                "training and (where the env has one) the evaluation goal set")
+            p.add_argument("--episodes", type=int, default=0,
+                           help="with --checkpoint: episodes per goal set (default: the run's "
+                                "eval.num_envs)")
+            p.add_argument("--out", default="",
+                           help="with --checkpoint: JSON lines file to append to (default: "
+                                "RUN/offline_eval.jsonl)")
         if name in ("replay", "learner", "actor", "evaluate"):
             p.add_argument("--metrics-port", type=int, default=None,
                            help="port of this role's /metrics (default: service.metrics_port)")
@@ -150,6 +161,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         except C.ConfigError as e:
             print(f"crl {args.command}: {e}", file=sys.stderr)
             return 2
+    if args.command == "evaluate" and args.checkpoint:
+        from crl.research import offline_eval
+        try:
+            return offline_eval.main(args.checkpoint, args.episodes, args.__dict__.get(
+                "cfg:run.seed") or 0, args.out)
+        except C.ConfigError as e:
+            print(f"crl evaluate: {e}", file=sys.stderr)
+            return 2
     try:
         if args.command == "local" and args.actors is not None:
             setattr(args, "cfg:actor.num_actors", args.actors)
@@ -163,7 +182,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         with contextlib.redirect_stdout(sys.stderr):
             summary = describe(cfg)
         print(summary, file=sys.stderr)
-        print(C.dumps(cfg), end="")
+        print(C.dumps(cfg), end="", flush=True)
+        if args.command == "config" and os.environ.get("CRL_MEMORY_ESTIMATE", "1") != "0":
+            from crl.memory import print_report   # stderr; CRL_MEMORY_ESTIMATE=0 skips it
+            with contextlib.redirect_stdout(sys.stderr):
+                print_report(cfg, sys.stderr)
         return 0
     if args.command == "train":
         from crl import driver

@@ -360,3 +360,36 @@ def test_render_point_maze_png_and_svg(tiny_run, tmp_path):
     assert len(eps) == 3 and all(e["goal"] == [0.0, 2.0] for e in eps)   # cell (1,3) from (1,1)
     from PIL import Image
     assert Image.open(out / "trajectories.png").size[0] == 5 * 80
+    gif = Image.open(out / "episodes.gif")            # the episodes moving, no server needed
+    assert gif.is_animated and gif.n_frames >= 20 and gif.size[0] == 5 * 80
+    first = gif.convert("RGB").tobytes()
+    gif.seek(gif.n_frames - 1)
+    assert gif.convert("RGB").tobytes() != first      # the agents moved
+
+
+def test_evaluate_a_checkpoint_offline_on_both_goal_sets(tiny_run, tmp_path, capsys):
+    """`crl evaluate --checkpoint RUN`: no learner; the training goal set, and the evaluation
+    goal set where the env has one (the ant U4 maze: the authors' _eval layout); a row appended
+    per call."""
+    out = tmp_path / "ev.jsonl"
+    assert run_cli(["evaluate", "--checkpoint", str(tiny_run), "--episodes", "4",
+                    "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train goals: time_at_goal=" in text and "eval goals" not in text
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert row["episodes"] == 4 and set(row["goal_sets"]) == {"train"}
+    ant = tmp_path / "ant-u4"
+    ant.mkdir()
+    cfg = C.load(overrides={**TINY, "env.name": "ant_u4_maze", "env.episode_length": 40,
+                            "replay.min_size_steps": 8000, "replay.capacity_steps": 16000,
+                            "run.run_dir": str(ant)})
+    C.dump(cfg, str(ant / "config.yaml"))
+    actor, critic = CM._init_params(cfg, seed=1)
+    R.save_params(str(ant / R.PARAMS_FILE), actor, critic, {"env_steps": 5})
+    assert run_cli(["evaluate", "--checkpoint", str(ant), "--episodes", "2",
+                    "--out", str(out)]) == 0
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert set(row["goal_sets"]) == {"train", "eval"} and row["env"] == "ant_u4_maze"
+    for r in row["goal_sets"].values():
+        assert 0 <= r["time_at_goal"] <= 40 and 0 <= r["success"] <= 1
+    assert run_cli(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2   # named error

@@ -291,6 +291,32 @@ def maze_trajectories_png(frame: MazeFrame, episodes: Sequence[Dict[str, Any]], 
     return img
 
 
+def maze_animation_gif(frame: MazeFrame, episodes: Sequence[Dict[str, Any]], path: str,
+                       title: str = "", frames: int = 60, frame_ms: int = 80) -> str:
+    """An animated GIF of the episodes seen from above (a file any browser or image viewer
+    opens, no server): frame k draws every trajectory up to its k-th point, the agent as a dot.
+    episodes as for maze_trajectories_png, all of the same length."""
+    from PIL import ImageDraw
+    length = min(len(np.asarray(ep["xy"])) for ep in episodes)
+    ts = sorted(set(np.linspace(1, length - 1, max(2, min(frames, length - 1))).astype(int)))
+    header = 8 + 18 * len(title.splitlines()) if title else 0
+    images = []
+    for t in ts:
+        cut = [dict(ep, xy=np.asarray(ep["xy"])[: t + 1]) for ep in episodes]
+        img = maze_trajectories_png(frame, cut, f"{title}\nstep {t}" if title else f"step {t}")
+        d = ImageDraw.Draw(img)
+        extra = 18 if title else 8 + 18    # the step line added to the title
+        for k, ep in enumerate(cut):
+            x, y = frame.to_px(*map(float, ep["xy"][-1]))
+            y += header + extra if title else extra
+            d.ellipse([x - 6, y - 6, x + 6, y + 6], fill=PALETTE[k % len(PALETTE)],
+                      outline="black", width=2)
+        images.append(img.convert("P", palette=1, colors=64))
+    images[0].save(path, save_all=True, append_images=images[1:], duration=frame_ms, loop=0,
+                   optimize=True)
+    return path
+
+
 def maze_trajectories_svg(frame: MazeFrame, episodes: Sequence[Dict[str, Any]],
                           title: str = "") -> str:
     header = 8 + 18 * len(title.splitlines()) if title else 0

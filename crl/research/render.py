@@ -1,8 +1,9 @@
 """`crl render`: look at evaluation episodes.
 
-Point-mass mazes: N deterministic episodes (tanh of the actor's mean, as evaluation runs them)
-drawn over the maze as trajectories.png and trajectories.svg (walls dark, one colour per
-episode: dot = start, ring = the goal's success radius, cross = the goal).
+Mazes (point mass, ant, humanoid): N deterministic episodes (tanh of the actor's mean, as
+evaluation runs them) drawn over the maze from above as trajectories.png and trajectories.svg
+(walls dark, one colour per episode: dot = start, ring = the goal's success radius, cross = the
+goal), and episodes.gif, the same episodes moving (opens anywhere, no server).
 Brax envs (ant, humanoid, their mazes, arms): each episode to episode_K.html, Brax's own viewer
 (brax.io.html). That page loads three.js, lil-gui and pako from public CDNs; with
 `--offline-viewer` they are served from OUT/viewer/ instead (Brax's viewer modules copied from
@@ -172,20 +173,30 @@ def brax_html(env, pipeline, episode: int, length: int, offline: bool) -> str:
 
 # ----------------------------------------------------------------------------- point maze
 def maze_pictures(env, res: Dict[str, Any], out_dir: str, title: str) -> List[str]:
+    """Top-down pictures of a maze env's episodes (point mass, ant or humanoid: x, y of the goal
+    slice): trajectories.png / .svg, and episodes.gif, the episodes moving."""
     from crl.envs import mazes
     from crl.research import plot
     frame = plot.MazeFrame(mazes.grid(env.maze), mazes.start_cell(env.maze), env.cell_size,
                            cell_px=80 if max(mazes.grid(env.maze).shape) <= 6 else 48)
-    eps = []
+    eps, moving = [], []
     for e, summary in enumerate(episode_summaries(res)):
-        eps.append({"xy": res["goal_pos"][e][: summary["steps"] + 1], "goal": res["goal"][e],
-                    "success": summary["success"], "goal_radius": env.goal_reach_thresh})
+        xy = res["goal_pos"][e][:, :2]
+        ep = {"goal": res["goal"][e][:2], "success": summary["success"],
+              "goal_radius": env.goal_reach_thresh}
+        eps.append(dict(ep, xy=xy[: summary["steps"] + 1]))
+        # An episode that ended early stays where it ended in the animation.
+        held = np.concatenate([xy[: summary["steps"] + 1],
+                               np.repeat(xy[summary["steps"]: summary["steps"] + 1],
+                                         len(xy) - summary["steps"] - 1, 0)])
+        moving.append(dict(ep, xy=held))
     png = os.path.join(out_dir, "trajectories.png")
     svg = os.path.join(out_dir, "trajectories.svg")
     plot.maze_trajectories_png(frame, eps, title).save(png)
     with open(svg, "w") as f:
         f.write(plot.maze_trajectories_svg(frame, eps, title))
-    return [png, svg]
+    gif = plot.maze_animation_gif(frame, moving, os.path.join(out_dir, "episodes.gif"), title)
+    return [png, svg, gif]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -252,11 +263,11 @@ def main(args) -> int:
                        keep_pipeline=not is_point, goal_xy=goal_xy)
     summaries = episode_summaries(res)
     files: List[str] = []
-    if is_point:
+    if hasattr(env, "maze"):   # top-down pictures and an animation of every maze env
         tag = sum(s["time_at_goal"] for s in summaries) / len(summaries)
         files += maze_pictures(env, res, args.out,
                                f"{label}\n{num} episodes: mean time at goal {tag:.1f} / {steps}")
-    else:
+    if not is_point:
         for e, s in enumerate(summaries):
             path = os.path.join(args.out, f"episode_{e}.html")
             with open(path, "w") as f:
