@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "local":
             p.add_argument("--actors", type=int, default=None,
                            help="actor processes; same as --actor.num_actors (default: from config)")
+            p.add_argument("--hang-timeout-s", type=float, default=60.0,
+                           help="restart a role whose /metrics has not answered this long "
+                                "(stopped or deadlocked) (default: 60)")
             p.add_argument("--dry-run", action="store_true",
                            help="print the resolved config and parameter counts, start nothing")
         if name in ("actor",):

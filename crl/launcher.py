@@ -25,6 +25,7 @@ from crl.config import Config, dump
 
 MAX_RESTARTS = 5
 STOP_TIMEOUT_S = 60.0
+HANG_TIMEOUT_S = 60.0    # a running role whose /metrics stays silent this long is restarted
 
 
 class Child:
@@ -40,12 +41,14 @@ class Child:
         self.events: List[Dict] = []       # {"t": seconds since launch, "exit_code", "restart"}
         self.stop_s: Optional[float] = None
         self.env: Dict[str, str] = {}      # its GPU placement (crl/placement.py)
+        self.last_answer: Optional[float] = None   # monotonic time of its last /metrics answer
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self) -> None:
+        self.last_answer = None
         log = open(self.log_path, "a")
         log.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(self.argv)}\n")
         log.flush()
@@ -115,18 +118,50 @@ def lock_run_dir(run_dir: str):
     return f
 
 
-def _wait_port(address: str, timeout_s: float, child: Child) -> None:
+class StopRequested(Exception):
+    """Ctrl-C / SIGTERM arrived while a role was starting."""
+
+
+def ports_in_use(cfg: Config) -> List[str]:
+    """The ports of this run another program already listens on, each as "field = port".
+    (Reverb binds every interface, so a program on 127.0.0.1:P would silently take the run's
+    clients while replay listens beside it.) Probed by binding the wildcard address with
+    SO_REUSEADDR, as the servers do: free or TIME_WAIT ports pass, a live listener does not."""
+    ports = {f"service.replay_address = {cfg.service.replay_address}":
+             int(cfg.service.replay_address.rpartition(":")[2]),
+             f"service.params_address = {cfg.service.params_address}":
+             int(cfg.service.params_address.rpartition(":")[2])}
+    for k in range(3 + cfg.actor.num_actors):
+        ports[f"service.metrics_port + {k} = {cfg.service.metrics_port + k}"] = \
+            cfg.service.metrics_port + k
+    busy = []
+    for what, port in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("", port))
+            except OSError:
+                busy.append(what)
+    return busy
+
+
+def _wait_port(address: str, timeout_s: float, child: Child,
+               stopped=lambda: False) -> None:
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stopped():
+            raise StopRequested(f"stop requested while {child.name} was starting")
         if child.poll() is not None:
             raise RuntimeError(f"{child.name} exited with {child.poll()} during start-up; "
                                f"see {child.log_path}")
         try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                return
+            with socket.create_connection((host, int(port)), timeout=1.0) as conn:
+                if conn.getsockname() != conn.getpeername():   # not connected to itself
+                    return
         except OSError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     raise TimeoutError(f"{child.name} did not open {address} within {timeout_s:.0f}s; "
                        f"see {child.log_path}")
 
@@ -166,7 +201,7 @@ def progress_line(scraped: Dict[str, Dict[str, float]], actors: List[str], t: fl
 
 
 def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float = 300.0,
-        out=sys.stdout) -> int:
+        hang_timeout_s: float = HANG_TIMEOUT_S, out=sys.stdout) -> int:
     from crl.config import ConfigError
     from crl.params_service import security_from_config
     try:   # the files a Secret mounts in a pod: checked here before any child starts
@@ -202,6 +237,13 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     for c in children:
         c.env = plan[c.name]
 
+    busy = ports_in_use(cfg)
+    if busy:
+        print(f"[local] invalid config: another program listens on the port(s) of "
+              f"{'; '.join(busy)}; stop it or choose other ports", file=out, flush=True)
+        lock.close()
+        return 2
+
     interrupted = []
     previous = {s: signal.signal(s, lambda *_: interrupted.append(1))
                 for s in (signal.SIGINT, signal.SIGTERM)}
@@ -217,10 +259,10 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 print(f"[local] {line}", file=out, flush=True)
         replay.start()
         _write_pids(run_dir, children)
-        _wait_port(cfg.service.replay_address, startup_timeout_s, replay)
+        _wait_port(cfg.service.replay_address, startup_timeout_s, replay, lambda: interrupted)
         learner.start()
         _write_pids(run_dir, children)
-        _wait_port(cfg.service.params_address, startup_timeout_s, learner)
+        _wait_port(cfg.service.params_address, startup_timeout_s, learner, lambda: interrupted)
         for c in [evaluator] + actors:
             c.start()
         _write_pids(run_dir, children)
@@ -252,6 +294,15 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                     m = M.scrape(c.url, timeout_s=1.0)
                     if m:
                         scraped[c.name] = m
+                        c.last_answer = now
+                    elif (c.last_answer is not None and now - c.last_answer > hang_timeout_s
+                          and c.poll() is None):
+                        # Up, but silent (stopped, deadlocked): a hang is handled as a crash.
+                        print(f"[local] {c.name} has not answered for {now - c.last_answer:.0f}s "
+                              f"(hung); killing it to restart it", file=out, flush=True)
+                        c.events.append({"t": round(now - t0, 3), "hung_s":
+                                         round(now - c.last_answer, 1)})
+                        c.proc.kill()
                 for a in actors:
                     v = scraped.get(a.name, {}).get("crl_actor_params_version")
                     if v is not None and (not versions_seen[a.name] or versions_seen[a.name][-1] != v):
@@ -261,6 +312,8 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 last_progress = now
         if interrupted:
             print("[local] interrupted; stopping every role", file=out, flush=True)
+    except StopRequested as e:
+        print(f"[local] {e}; stopping every role", file=out, flush=True)
     except Exception as e:
         print(f"[local] error: {e}", file=out, flush=True)
         status = 1
@@ -293,4 +346,4 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
 
 
 def main(cfg: Config, args) -> int:
-    return run(cfg)
+    return run(cfg, hang_timeout_s=args.hang_timeout_s)

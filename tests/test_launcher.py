@@ -13,7 +13,10 @@ import subprocess
 import sys
 import time
 
+from crl import metrics as M
 from helpers import REPO, free_port_block, stop_process, wait_for
+
+HANG_S = 15
 
 
 def _alive(pid: int) -> bool:
@@ -28,8 +31,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _local(run_dir, base, log_path):
-    args = ["--run.run_dir", run_dir, "--service.replay_address", f"127.0.0.1:{base}",
+def _local(run_dir, base, log_path, *more):
+    args = [*more, "--run.run_dir", run_dir, "--service.replay_address", f"127.0.0.1:{base}",
             "--service.params_address", f"127.0.0.1:{base + 1}",
             "--service.metrics_port", base + 2, "--actor.num_actors", 1,
             "--network.actor.width", 32, "--network.critic.width", 32, "--env.num_envs", 8,
@@ -43,8 +46,8 @@ def _local(run_dir, base, log_path):
 
 def test_second_launcher_refused_and_roles_die_with_a_killed_launcher(tmp_path):
     run_dir = tmp_path / "run"
-    base = free_port_block(8)
-    first = _local(run_dir, base, tmp_path / "first.out")
+    base = free_port_block(16)
+    first = _local(run_dir, base, tmp_path / "first.out", "--hang-timeout-s", HANG_S)
     pids = {}
     try:
         def roles_started():
@@ -63,7 +66,25 @@ def test_second_launcher_refused_and_roles_die_with_a_killed_launcher(tmp_path):
                            open(f"/proc/{pids[name]}/environ").read().split("\0") if "=" in kv)
             assert environ.get("CUDA_VISIBLE_DEVICES") == "", (name, environ.get("CUDA_VISIBLE_DEVICES"))
 
-        second = _local(run_dir, base + 4, tmp_path / "second.out")
+        # A hung role (SIGSTOP: alive, silent) is noticed by the launcher and restarted.
+        evaluator_metrics = f"http://127.0.0.1:{base + 2 + 2}/metrics"
+        wait_for(lambda: M.scrape(evaluator_metrics, 1.0) or first.poll() is not None, 300,
+                 "the evaluator to answer")
+        assert first.poll() is None
+        time.sleep(6)                         # the launcher's next scrape has seen it answer
+        hung = json.loads((run_dir / "pids.json").read_text())["evaluator"]
+        os.kill(hung, signal.SIGSTOP)
+        t_stop = time.monotonic()
+        wait_for(lambda: json.loads((run_dir / "pids.json").read_text()).get("evaluator")
+                 not in (None, hung), HANG_S + 60, "the launcher to restart the hung evaluator")
+        restart_s = time.monotonic() - t_stop
+        assert not _alive(hung)
+        assert "evaluator has not answered" in (tmp_path / "first.out").read_text()
+        # Silent for HANG_S since its last answer (up to one 5 s scrape interval before the stop).
+        assert HANG_S - 6 <= restart_s <= HANG_S + 30, restart_s
+        pids = json.loads((run_dir / "pids.json").read_text())
+
+        second = _local(run_dir, base + 8, tmp_path / "second.out")
         rc = second.wait(timeout=120)
         out = (tmp_path / "second.out").read_text()
         assert rc == 2 and "in use by another `crl local`" in out, out[-2000:]
@@ -91,3 +112,21 @@ def test_second_launcher_refused_and_roles_die_with_a_killed_launcher(tmp_path):
         assert third.poll() is None, (tmp_path / "third.out").read_text()[-2000:]
     finally:
         stop_process(third, timeout_s=120)
+
+
+def test_a_port_taken_by_another_program_is_refused_before_anything_starts(tmp_path):
+    """Reverb binds every interface, so a program on 127.0.0.1:<replay port> used to take the
+    run's clients while replay listened beside it; now the launcher names the port and exits 2."""
+    import socket
+    base = free_port_block(8)
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", base))
+    squatter.listen()
+    try:
+        proc = _local(tmp_path / "run", base, tmp_path / "out")
+        rc = proc.wait(timeout=120)
+    finally:
+        squatter.close()
+    out = (tmp_path / "out").read_text()
+    assert rc == 2 and f"service.replay_address = 127.0.0.1:{base}" in out, out[-2000:]
+    assert not (tmp_path / "run" / "pids.json").exists()       # nothing was started
