@@ -19,9 +19,6 @@ from crl.learning import Updater
 from crl.rollout import Unroller
 from crl.tensorboard import ScalarWriter
 
-SEGMENT_FIELDS = ("state", "action", "episode_id")
-
-
 class SegmentStore:
     """A FIFO ring of segments kept on device: [capacity, T, ...] per field."""
 
