@@ -167,11 +167,17 @@ def _wait_port(address: str, timeout_s: float, child: Child,
 
 
 def _write_pids(run_dir: str, children: List[Child]) -> None:
+    """Keeps <run_dir>/pids.json current; a failed write (disk full) is reported, never fatal:
+    the launcher holds the PIDs itself."""
     pids = {c.name: c.proc.pid for c in children if c.proc is not None and c.poll() is None}
     tmp = os.path.join(run_dir, "pids.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(pids, f)
-    os.replace(tmp, os.path.join(run_dir, "pids.json"))
+    try:
+        with open(tmp, "w") as f:
+            json.dump(pids, f)
+        os.replace(tmp, os.path.join(run_dir, "pids.json"))
+    except OSError as e:
+        print(f"[local] could not write {run_dir}/pids.json ({e}); going on", file=sys.stderr,
+              flush=True)
 
 
 def _learner_finished(run_dir: str) -> bool:
@@ -337,8 +343,12 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                    "restart_events": {c.name: c.events for c in children},
                    "stop_s": {c.name: c.stop_s for c in children},
                    "actor_versions_seen": versions_seen, "wall_s": time.monotonic() - t0}
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        try:
+            with open(os.path.join(run_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+        except OSError as e:   # disk full: the summary goes to the terminal instead
+            print(f"[local] could not write {run_dir}/summary.json ({e}); the summary:\n"
+                  f"{json.dumps(summary, default=str)}", file=out, flush=True)
         print(f"[local] stopped; exit codes {exits}; summary in {run_dir}/summary.json", file=out,
               flush=True)
         lock.close()

@@ -98,7 +98,11 @@ class LearnerCheckpointer:
         without an error) is logged and skipped for the previous one; if none loads, the error of the
         newest is raised, naming the directory.
         """
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:   # noqa: BLE001 - a failed background save: older steps remain
+            log.error("the last background save in %s failed (%s: %s); restoring from the steps "
+                      "on disk", self.directory, type(e).__name__, str(e)[:300])
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template._asdict())
         steps = sorted(self.manager.all_steps(), reverse=True)
         errors = []

@@ -76,6 +76,8 @@ PUBLISH_SECONDS = prom.Histogram("crl_learner_publish_seconds",
 CHECKPOINT_SECONDS = prom.Gauge("crl_learner_checkpoint_seconds",
                                 "Time the loop spent on the last checkpoint (periodic ones are "
                                 "written in the background after that)")
+CHECKPOINT_ERRORS = prom.Counter("crl_learner_checkpoint_errors_total",
+                                 "Checkpoint saves that failed (disk full, volume gone)")
 NONFINITE = prom.Counter("crl_learner_nonfinite_updates_total",
                          "Updates whose loss or params were NaN/Inf (dropped, state rolled back)")
 REPLAY_UP = prom.Gauge("crl_learner_replay_up", "1 if replay answered the last poll (every 1 s)")
@@ -249,12 +251,22 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         st = updater.host_state()
         return bool(all_finite((st.actor_params, st.critic_params, st.log_alpha)))
 
-    def checkpoint(wait: bool = True):
+    def checkpoint(wait: bool = True) -> bool:
         """wait=False (the periodic ones): the loop waits only for the copy to the host; the
-        files are written in the background."""
+        files are written in the background. A failed save (disk full, volume gone; a background
+        one surfaces at the next save) is logged and counted and training goes on: the older
+        checkpoints stay, and the next interval tries again."""
         t0 = time.perf_counter()
-        checkpointer.save(counters["update_calls"], updater.host_state(), counters, wait=wait)
+        try:
+            checkpointer.save(counters["update_calls"], updater.host_state(), counters, wait=wait)
+        except Exception as e:   # noqa: BLE001 - orbax raises many types for I/O errors
+            CHECKPOINT_ERRORS.inc()
+            log.error("checkpoint at update call %d failed (%s: %s); the newest on disk is "
+                      "step %s; retrying at the next one", counters["update_calls"],
+                      type(e).__name__, str(e)[:300], checkpointer.latest_step())
+            return False
         CHECKPOINT_SECONDS.set(time.perf_counter() - t0)
+        return True
 
     def tagged(params, sgd_steps: int):
         """params with this version's place on the paper's axes (crl.learning.progress_of)."""

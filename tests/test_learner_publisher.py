@@ -303,6 +303,54 @@ def test_budget_does_the_owed_updates_then_serves_without_exiting(role_setup, tm
     assert rec["server"].published[-1][0] == final["params_version"]
 
 
+def test_disk_full_checkpoints_are_reported_and_retried_training_goes_on(role_setup, tmp_path,
+                                                                        monkeypatch):
+    """Saves that fail with ENOSPC (a full disk; simulated: root ignores permissions here) are
+    logged and counted; the learner keeps training on the older checkpoints and saves again
+    once there is room; the final state is saved."""
+    import errno
+    import learner.role as role
+    from learner.checkpoint import LearnerCheckpointer
+    from replay.writer import SegmentWriter
+    overrides, rec, run_learner = role_setup
+    rec["slow_s"] = 0.0
+    full = {"on": False, "refused": 0}
+    orig_save = LearnerCheckpointer.save
+
+    def save(self, step, state, counters, wait=True):
+        if full["on"]:
+            full["refused"] += 1
+            raise OSError(errno.ENOSPC, "No space left on device", self.directory)
+        return orig_save(self, step, state, counters, wait)
+    monkeypatch.setattr(LearnerCheckpointer, "save", save)
+    errors0 = role.CHECKPOINT_ERRORS._value.get()
+    cfg, stop, thread, result = run_learner()
+    try:
+        wait_for(lambda: port_open(int(cfg.service.params_address.rsplit(":", 1)[1])), 120,
+                 "the learner to publish")
+        writer = SegmentWriter(cfg.service.replay_address, cfg, 5.0, state_dim=4, action_dim=2)
+        rng = np.random.default_rng(3)
+        full["on"] = True
+        write_all(writer, segments(40, rng), until=lambda: full["refused"] >= 2)
+        wait_for(lambda: full["refused"] >= 2, 120, "two checkpoints to hit the full disk")
+        assert thread.is_alive()                              # still training
+        calls_full = role.CALLS._value.get()
+        full["on"] = False                                    # room again
+        write_all(writer, segments(30, rng))
+        wait_for(lambda: role.CALLS._value.get() > calls_full + cfg.learner.checkpoint_every,
+                 120, "training past the next checkpoint")
+        writer.close()
+    finally:
+        stop.set()
+        thread.join(60)
+    assert result["rc"] == 0
+    assert role.CHECKPOINT_ERRORS._value.get() - errors0 == full["refused"] >= 2
+    final = json.loads((tmp_path / "learner_final.json").read_text())
+    ck = LearnerCheckpointer(str(tmp_path / "learner_checkpoints"))
+    assert ck.latest_step() == final["update_calls"]             # saved again, final included
+    ck.close()
+
+
 def test_checkpoint_keeps_the_version_floor_and_the_newest_counters_of_a_step(tmp_path):
     """What the role's version skipping relies on: the floor file survives beside the steps
     (Orbax ignores it), and a second save of one step keeps the newer counters."""
