@@ -31,9 +31,9 @@ FIT_DEPTHS[-1] deep are compiled directly at their depths (method "direct": XLA'
 Error (measured on CPU, jax 0.4.34, docs/scaling.md): "direct" is XLA's own analysis (the test
 checks equality to the byte). The fit's largest residual at its three points is printed as a
 linearity check. Extrapolated to the paper's largest setting (humanoid, critic 1024, actor 512,
-batch 512, width 256) the fit was within 0.1% of a direct compile at depth 1024 without remat and
-about 1% under it with remat (a small non-linear remainder of the temporaries at small depth); on
-small test networks a fit at depths 16 and 32 predicts depth 64 within the tolerance stated in
+batch 512, width 256) the fit was +0.005% off a direct compile at depth 1024 without remat and
+0.8% under it with remat (temporaries 2.3% under: a small non-linear remainder); on small test
+networks a fit at depths 16 and 32 predicts depth 64 within the tolerance stated in
 tests/test_memory.py. Below depth 16 the temporaries are NOT linear (XLA unrolls or removes
 one- and two-trip loops), which is why the fit starts at 64.
 
@@ -43,8 +43,8 @@ asynchronously, but the donated state serialises calls), the params snapshot the
 publishing (params once more), prefetched batches waiting on the device (learner.prefetch x
 sampled data) and, on a GPU, JAX's default preallocation of 75% of the memory. It is computed
 by the backend that runs it: on a CPU host it is the CPU compiler's buffer assignment, which
-fuses differently from the GPU compiler (expect GPU figures within some 10-20%; compile on the
-GPU itself for its own figure: the same call on a GPU machine does). Under pmap
+fuses differently from the GPU compiler (by how much is not measured: no GPU was available; the
+same call on a GPU machine compiles for the GPU and gives its own figure). Under pmap
 (learner.num_devices = D > 1) it compiles the single-device update at batch / D and segments / D,
 the per-device shares; the all-gathered goal representations (B x repr dim) are not counted.
 """
@@ -139,7 +139,7 @@ def target_bytes(cfg: Config, device=None) -> Tuple[int, str]:
             limit = None
         if limit:
             return int(limit), f"{device.device_kind} (JAX's allocator limit)"
-    return int(DEFAULT_TARGET_GIB * GiB), f"default {DEFAULT_TARGET_GIB:g} GiB (no GPU here)"
+    return int(DEFAULT_TARGET_GIB * GiB), f"the default when no GPU is here: {DEFAULT_TARGET_GIB:g} GiB"
 
 
 def warnings_for(estimates: Sequence[Estimate], target: int, configured: Tuple[bool, bool]
