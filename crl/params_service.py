@@ -51,6 +51,7 @@ server gets FAILED_PRECONDITION naming both versions; 0 (unset) reads as 1.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -492,6 +493,12 @@ class _Metrics:
         self.request_latency = Histogram(
             "crl_params_request_latency_seconds", "ParameterService request duration",
             ["method"], buckets=(.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), **kw)
+        self.refused_streams = Counter(
+            "crl_params_refused_streams_total",
+            "GetParams streams refused: the client or the server held too many", **kw)
+        self.expired_streams = Counter(
+            "crl_params_expired_streams_total",
+            "GetParams streams cancelled at their send deadline (a client stopped reading)", **kw)
 
 
 _METRICS: "weakref.WeakKeyDictionary[CollectorRegistry, _Metrics]" = weakref.WeakKeyDictionary()
@@ -605,6 +612,11 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
                          f"server has {header.signature_sha256}; send expected_leaves to get "
                          "the first differing leaf", "mismatch")
         state.result = "cancelled"     # until the last chunk is out
+        with self._s._gate.stream(context):
+            yield from self._payload(req, snap, view, header, chunk, state)
+
+    def _payload(self, req, snap, view, header, chunk,
+                 state: "_RequestState") -> Iterator[params_pb2.ParamsChunk]:
         yield params_pb2.ParamsChunk(header=header)
         # Data messages are serialised once per version and chunk size (the server's own size,
         # which clients with the same max_message_mb ask for) and handed to gRPC as bytes.
@@ -647,6 +659,67 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
         return reply
 
 
+class _StreamGate:
+    """What one client can hold of the server's RPC threads (a GetParams stream holds one until
+    its last chunk is read; 70 slow, unread streams once pinned them all and Health timed out
+    for everyone):
+
+      - at most `per_peer` streams per connection (gRPC peer), and at most `max_workers -
+        HEALTH_RESERVE` in all: a stream beyond either is refused at once with
+        RESOURCE_EXHAUSTED (clients poll again; every actor already does), so threads stay free
+        for Health and for "not modified" answers;
+      - every stream has a send deadline, `deadline_s`: one still running then (a client that
+        stopped reading) is cancelled, freeing its thread.
+    """
+    HEALTH_RESERVE = 4
+
+    def __init__(self, max_workers: int, per_peer: int, deadline_s: float, metrics):
+        self.capacity = max(1, max_workers - self.HEALTH_RESERVE)
+        self.per_peer, self.deadline_s, self._metrics = per_peer, deadline_s, metrics
+        self._lock = threading.Lock()
+        self._total = 0
+        self._by_peer: Dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def stream(self, context):
+        peer = context.peer() or "?"
+        with self._lock:
+            held = self._by_peer.get(peer, 0)
+            if held >= self.per_peer or self._total >= self.capacity:
+                which = (f"{held} streams of this client (limit {self.per_peer})"
+                         if held >= self.per_peer else
+                         f"{self._total} streams in flight (limit {self.capacity})")
+                refused = True
+            else:
+                refused = False
+                self._by_peer[peer] = held + 1
+                self._total += 1
+        if refused:
+            self._metrics.refused_streams.inc()
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"too many params streams: {which}; read the streams you hold, or "
+                         "retry later", "resource_exhausted")
+        timer = threading.Timer(self.deadline_s, self._expire, (context,))
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+            with self._lock:
+                self._total -= 1
+                left = self._by_peer[peer] - 1
+                if left:
+                    self._by_peer[peer] = left
+                else:
+                    del self._by_peer[peer]
+
+    def _expire(self, context) -> None:
+        if context.is_active():
+            self._metrics.expired_streams.inc()
+            context.cancel()
+
+
 class _RequestState:
     """Per-request result label for the requests counter (the servicer is shared)."""
     __slots__ = ("result",)
@@ -663,14 +736,18 @@ class ParameterServer:
     `token`: shared secret; GetParams then requires metadata 'authorization: Bearer <token>'.
     `tls_cert`, `tls_key`: PEM bytes of the server certificate (chain) and its key; with them the
     port speaks TLS only.
-    `max_workers`: RPC threads. A GetParams stream holds one for its duration, so this bounds
-    the streams in flight; more concurrent fetches wait for a thread (none fails). Size it to at
-    least the number of actors and evaluators (service.params_max_workers).
+    `max_workers`: RPC threads. A GetParams stream holds one for its duration; at most
+    `max_workers - 4` streams run at once (4 threads stay free for Health and "not modified"
+    answers) and at most `streams_per_client` per client connection: a stream beyond either is
+    refused with RESOURCE_EXHAUSTED, and one not finished after `stream_deadline_s` (a client
+    that stopped reading) is cancelled (_StreamGate). Size max_workers to at least the number
+    of actors and evaluators + 4 (service.params_max_workers).
     """
 
     def __init__(self, address: str, max_message_mb: int = 4, token: Optional[str] = None,
                  registry: CollectorRegistry = REGISTRY, max_workers: int = 64,
-                 tls_cert: Optional[bytes] = None, tls_key: Optional[bytes] = None):
+                 tls_cert: Optional[bytes] = None, tls_key: Optional[bytes] = None,
+                 streams_per_client: int = 4, stream_deadline_s: float = 120.0):
         if not isinstance(max_message_mb, int) or max_message_mb <= 0:
             raise ValueError(f"max_message_mb = {max_message_mb!r}: must be a positive integer")
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers <= 0:
@@ -686,6 +763,8 @@ class ParameterServer:
         self._token = token
         self._metrics = _metrics_for(registry)
         self._max_workers = max_workers
+        self._gate = _StreamGate(max_workers, streams_per_client, stream_deadline_s,
+                                 self._metrics)
         self._lock = threading.Lock()           # guards the snapshot pointer only
         self._publish_lock = threading.Lock()   # serialises publishers
         self._snapshot: Optional[_Snapshot] = None

@@ -596,3 +596,48 @@ def test_server_threads_and_service_config_fields(registry):
     client = client_from_config(cfg)
     assert client.wire_dtype == "bfloat16" and client._cache is None
     client.close()
+
+
+def test_unread_streams_cannot_starve_health_or_other_clients(registry):
+    """Clients that open GetParams streams and never read them (each holds an RPC thread until
+    its last chunk is out) get at most streams_per_client per connection and max_workers - 4 in
+    all; Health and other clients keep being answered; the held streams are cancelled at the
+    send deadline."""
+    server = ParameterServer("127.0.0.1:0", registry=registry, max_workers=8, max_message_mb=1,
+                             streams_per_client=2, stream_deadline_s=4.0).start()
+    server.publish({"actor": {"w": np.ones((4_000_000,), np.float32)}}, 1)   # 16 MB
+    hogs, calls = [], []
+    try:
+        for _ in range(4):                       # 4 connections x 5 streams, none read
+            ch = grpc.insecure_channel(server.address)
+            stub = params_pb2_grpc.ParameterServiceStub(ch)
+            hogs.append(ch)
+            for _ in range(5):
+                calls.append(stub.GetParams(params_pb2.GetParamsRequest(min_version=-1),
+                                            timeout=60))
+        time.sleep(1.0)                          # the admitted ones block on flow control
+        refused = 0
+        for c in calls:                          # the first message of each: header or refusal
+            try:
+                next(c)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                assert "too many params streams" in e.details()
+                refused += 1
+        assert refused >= 20 - 4                  # at most max_workers - 4 held
+        with ParameterClient(server.address, timeout_s=2.0) as good:
+            t0 = time.monotonic()
+            assert good.health()["version"] == 1 and time.monotonic() - t0 < 2.0
+            assert good.get(min_version=1) is None           # "not modified" still answered
+        time.sleep(4.5)                           # past the send deadline: the hogs are cut
+        assert registry.get_sample_value("crl_params_expired_streams_total") >= 1
+        with ParameterClient(server.address, timeout_s=10.0) as good:
+            version, tree = good.get(subset="actor")
+            assert version == 1 and tree["actor"]["w"].shape == (4_000_000,)
+        assert registry.get_sample_value("crl_params_refused_streams_total") == refused
+    finally:
+        for c in calls:
+            c.cancel()
+        for ch in hogs:
+            ch.close()
+        server.stop(None)
