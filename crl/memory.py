@@ -150,15 +150,20 @@ def warnings_for(estimates: Sequence[Estimate], target: int, configured: Tuple[b
     mine = by.get(configured)
     if mine is not None and mine.total > target:
         fits = [e for e in estimates if e.total <= target]
-        hint = (f"; {_remat_words(fits[0].remat)} fits ({fits[0].total / GiB:.2f} GiB): set "
+        hint = (f"; {_remat_words(fits[0].remat)} fits ({_fmt(fits[0].total)}): set "
                 f"{_remat_flags(fits[0].remat)}" if fits else
                 "; no remat setting fits: lower algo.batch_size, the depth or the width, or use "
                 "more learner devices (learner.num_devices)")
-        out.append(f"the learner's estimated device memory {mine.total / GiB:.2f} GiB "
-                   f"({_remat_words(configured)}) exceeds the target {target / GiB:.1f} GiB{hint}")
+        out.append(f"the learner's estimated device memory {_fmt(mine.total)} "
+                   f"({_remat_words(configured)}) exceeds the target {_fmt(target, 1)}{hint}")
     elif all(e.total > target for e in estimates):
-        out.append(f"every remat setting exceeds the target {target / GiB:.1f} GiB")
+        out.append(f"every remat setting exceeds the target {_fmt(target, 1)}")
     return out
+
+
+def _fmt(b: float, digits: int = 2) -> str:
+    """Bytes as GiB (at least 1 GiB) or MiB."""
+    return f"{b / GiB:.{digits}f} GiB" if b >= GiB else f"{b / MiB:.1f} MiB"
 
 
 def _remat_words(remat: Tuple[bool, bool]) -> str:
@@ -178,11 +183,11 @@ def recommendation(estimates: Sequence[Estimate], target: int) -> str:
     by = {e.remat: e for e in estimates}
     off, on = by.get((False, False)), by.get((True, True))
     if off is not None and off.total <= target:
-        return (f"remat off fits ({off.total / GiB:.2f} of {target / GiB:.1f} GiB): "
+        return (f"remat off fits ({_fmt(off.total)} of {_fmt(target, 1)}): "
                 "network.*.remat false (no recomputation in the backward pass)")
     if on is not None and on.total <= target:
-        return (f"remat off does not fit, remat on does ({on.total / GiB:.2f} of "
-                f"{target / GiB:.1f} GiB): network.actor.remat true, network.critic.remat true")
+        return (f"remat off does not fit, remat on does ({_fmt(on.total)} of "
+                f"{_fmt(target, 1)}): network.actor.remat true, network.critic.remat true")
     return "neither remat setting fits: lower the batch, the depth or the width, or add devices"
 
 
@@ -310,11 +315,11 @@ def report(cfg: Config, state_dim: int, action_dim: int, goal_indices: Sequence[
     for e in ests:
         fit = (f"; fit residual {100 * e.fit_residual:.1f}%" if e.method == "fit" else "")
         lines.append(f"  {_remat_words(e.remat):<16} activations + temporaries "
-                     f"{e.temp / GiB:>7.2f} GiB -> total {e.total / GiB:>7.2f} GiB{fit}")
+                     f"{_fmt(e.temp):>10} -> total {_fmt(e.total):>10}{fit}")
         if e.fit_residual > LINEARITY_WARN:
             lines.append(f"    (temporaries are not linear in depth here: the "
                          f"{_remat_words(e.remat)} estimate is uncertain)")
-    lines.append(f"  target {target / GiB:.1f} GiB per device ({source})")
+    lines.append(f"  target {_fmt(target, 1)} per device ({source})")
     lines.append(f"  remat: {recommendation(ests, target)}")
     return "\n".join(lines), warnings_for(ests, target, configured)
 
