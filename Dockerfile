@@ -39,6 +39,7 @@ COPY crl ./crl
 COPY actors ./actors
 COPY learner ./learner
 COPY replay ./replay
+COPY evaluator ./evaluator
 COPY protos ./protos
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable $(cat /opt/uv-extras) \

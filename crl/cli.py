@@ -217,7 +217,7 @@ def _role_entry(command: str):
     elif command == "actor":
         from actors.role import main as entry
     elif command == "evaluate":
-        from crl.evaluator import main as entry
+        from evaluator.role import main as entry
     else:
         raise ValueError(command)
     return entry

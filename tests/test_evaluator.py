@@ -18,7 +18,7 @@ import jax
 
 from crl import config as C
 from crl.envs import make_env
-from crl.evaluator import EvalSchedule
+from evaluator.role import EvalSchedule
 from crl.learning import PROGRESS_KEY, progress_of
 from crl.networks import CRLNetworks
 from crl.params_service import ParameterServer
