@@ -197,7 +197,7 @@ def local_run(minutes: float, tiny: bool, workdir: str) -> Dict:
     from crl import metrics as Mx
     base = common.free_port_block(8)
     size = (["--env.num_envs", "8", "--env.episode_length", "200",
-             "--replay.min_size_steps", "1600", "--learner.segments_per_call", "8",
+             "--replay.segment_length", "200", "--replay.min_size_steps", "1600", "--learner.segments_per_call", "8",
              "--learner.minibatches_per_call", "4", "--algo.batch_size", "128",
              "--network.actor.width", "32", "--network.critic.width", "32",
              "--network.actor.depth", "4", "--network.critic.depth", "4", "--eval.num_envs", "8"]
@@ -315,8 +315,9 @@ def main(argv=None) -> int:
             common.cleanup()
         else:
             ok = False
+            tail = open(lr["local_log"], errors="replace").read()[-1500:]
             print(f"crl local: no training within {a.local_minutes:g} min (log: "
-                  f"{lr['local_log']})", flush=True)
+                  f"{lr['local_log']}):\n{tail}", flush=True)
     print(f"gpu_check: {'all checks passed' if ok else 'a check FAILED'}; results -> {a.out}")
     return 0 if ok else 1
 
