@@ -40,6 +40,7 @@ COPY actors ./actors
 COPY learner ./learner
 COPY replay ./replay
 COPY evaluator ./evaluator
+COPY params ./params
 COPY protos ./protos
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-editable $(cat /opt/uv-extras) \

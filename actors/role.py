@@ -33,7 +33,7 @@ from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
 from crl.networks import CRLNetworks
-from crl.params_service import ParameterClient, client_from_config, security_from_config
+from params import ParameterClient, client_from_config, security_from_config
 from crl.rollout import Unroller
 
 ENV_STEPS = prom.Counter("crl_actor_env_steps_total", "Env steps taken by this actor")

@@ -71,7 +71,7 @@ def random_tree(template, seed: int = 0):
 def params_server(a) -> int:
     import jax
     import numpy as np
-    from crl.params_service import ParameterServer
+    from params import ParameterServer
     template = actor_template(a.depth, a.width, a.dims)
     tree = random_tree(template)
     server = ParameterServer("127.0.0.1:0", max_message_mb=a.max_message_mb).start()
@@ -100,7 +100,7 @@ def params_server(a) -> int:
 
 
 def params_client(a) -> int:
-    from crl.params_service import ParameterClient
+    from params import ParameterClient
     template = actor_template(a.depth, a.width, getattr(a, "dims", "humanoid"))
     client = ParameterClient(a.address, timeout_s=120.0, template=template,
                              max_message_mb=a.max_message_mb,

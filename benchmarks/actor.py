@@ -119,7 +119,7 @@ def bench_env(env_name: str, a, q: bool) -> None:
     from crl import config as C
     from crl.envs import ENV_SPECS, make_env
     from crl.networks import CRLNetworks
-    from crl.params_service import ParameterClient
+    from params import ParameterClient
     from crl.rollout import Unroller
 
     key = dims_key(env_name)

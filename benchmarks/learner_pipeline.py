@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         import jax
         from crl import config as C
         from crl.learning import Updater
-        from crl.params_service import ParameterServer
+        from params import ParameterServer
 
         cfg_over = dict(overrides)
         for net in ("actor", "critic"):

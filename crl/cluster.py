@@ -1055,7 +1055,7 @@ def self_signed_certificate(names: List[str], days: int = 365) -> Tuple[bytes, b
 
 
 def _read_user_file(option: str, path: str) -> bytes:
-    from crl.params_service import read_secret_file
+    from params import read_secret_file
     return read_secret_file(f"{option} {path!r}", path, ClusterError)
 
 
@@ -1145,7 +1145,7 @@ def _token_material(args) -> Tuple[bytes, str]:
         return secrets.token_urlsafe(32).encode("ascii"), \
             "a new random token (its value is not shown)"
     raw = _read_user_file("--token-file", args.token_file)
-    from crl.params_service import check_token
+    from params import check_token
     try:
         token = check_token(raw.decode("ascii", errors="replace").strip(),
                             f"--token-file {args.token_file!r}")

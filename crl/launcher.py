@@ -209,7 +209,7 @@ def progress_line(scraped: Dict[str, Dict[str, float]], actors: List[str], t: fl
 def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float = 300.0,
         hang_timeout_s: float = HANG_TIMEOUT_S, out=sys.stdout) -> int:
     from crl.config import ConfigError
-    from crl.params_service import security_from_config
+    from params import security_from_config
     try:   # the files a Secret mounts in a pod: checked here before any child starts
         security_from_config(cfg.service, server=True)
         security_from_config(cfg.service, server=False)

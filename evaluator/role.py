@@ -33,7 +33,7 @@ from crl.config import Config
 from crl.envs import make_env
 from crl.learning import PROGRESS_KEY, progress_template
 from crl.networks import CRLNetworks
-from crl.params_service import client_from_config, security_from_config
+from params import client_from_config, security_from_config
 from crl.rollout import Unroller
 from crl.tensorboard import ScalarWriter
 

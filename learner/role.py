@@ -54,7 +54,7 @@ from crl.config import Config, advice
 from crl.envs import make_env
 from crl.learning import (PROGRESS_KEY, Updater, all_finite, params_of, progress_of,
                           resolve_num_devices)
-from crl.params_service import security_from_config, server_from_config
+from params import security_from_config, server_from_config
 from crl.tensorboard import ScalarWriter
 from learner.checkpoint import LearnerCheckpointer
 from learner.publisher import ParamsPublisher

@@ -58,7 +58,7 @@ def stack(tmp_path_factory):
     import jax
     from crl.envs import make_env
     from crl.networks import CRLNetworks
-    from crl.params_service import ParameterServer
+    from params import ParameterServer
     from helpers import free_port
     from replay.server import ReplayServer
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from crl.params_service import PROTOCOL_VERSION, ParameterClient, ParameterServer, signature_hash
+from params import PROTOCOL_VERSION, ParameterClient, ParameterServer, signature_hash
 from protos import params_pb2
 
 TIMEOUT_S = 5.0
@@ -108,7 +108,7 @@ def test_bad_request_gets_status_and_message_and_server_keeps_serving(server, ki
 
 
 def test_client_side_wrong_shape_is_a_clear_error(server):
-    from crl.params_service import ParamsMismatchError
+    from params import ParamsMismatchError
     template = {"actor": {"w": np.zeros((64, 31), np.float32), "b": np.zeros(32, np.float32)}}
     with ParameterClient(server.address, TIMEOUT_S, token=TOKEN, template=template) as c:
         with pytest.raises(ParamsMismatchError) as e:

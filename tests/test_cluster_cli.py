@@ -159,7 +159,7 @@ def test_apply_errors(manifests, tmp_path):
 
 
 def test_params_probe_against_a_real_parameter_service(tmp_path):
-    from crl.params_service import ParameterServer
+    from params import ParameterServer
     server = ParameterServer("127.0.0.1:0").start()
     addr = f"127.0.0.1:{server.port}"
     try:
@@ -199,7 +199,7 @@ def test_params_probe_over_tls_needs_the_ca_but_no_token(tmp_path):
     from prometheus_client import CollectorRegistry
 
     from crl.cluster import certificate_names
-    from crl.params_service import ParameterServer
+    from params import ParameterServer
     cert, key = _write_cert(tmp_path, certificate_names("crl"), "tls")
     other, _ = _write_cert(tmp_path, ["params"], "other")
     server = ParameterServer("127.0.0.1:0", token="t0ken-" + "y" * 30, registry=CollectorRegistry(),

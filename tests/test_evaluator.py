@@ -21,7 +21,7 @@ from crl.envs import make_env
 from evaluator.role import EvalSchedule
 from crl.learning import PROGRESS_KEY, progress_of
 from crl.networks import CRLNetworks
-from crl.params_service import ParameterServer
+from params import ParameterServer
 from helpers import free_port, start_role, stop_process, wait_for
 
 

@@ -179,7 +179,7 @@ class LocalRun:
             return {}
 
     def client(self, token="same"):
-        from crl.params_service import ParameterClient
+        from params import ParameterClient
         return ParameterClient(f"127.0.0.1:{self.base + 1}", timeout_s=5.0,
                                token=self.token if token == "same" else token,
                                tls_ca=self.cert.read_bytes())
@@ -308,7 +308,7 @@ def scenario(tmp_path_factory):
                 finally:
                     c.close()
             R["warmup"]["refused_without_token"] = True
-            from crl.params_service import ParameterClient
+            from params import ParameterClient
             with ParameterClient(f"127.0.0.1:{run.base + 1}", timeout_s=3.0,
                                  token=run.token) as plain:   # no TLS: no connection at all
                 with pytest.raises(grpc.RpcError) as e:

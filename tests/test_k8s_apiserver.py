@@ -81,7 +81,7 @@ def test_create_secrets_before_the_first_apply(server, tmp_path):
     then the overlay applies (test_apply_is_accepted_and_idempotent)."""
     from cryptography.hazmat.primitives import serialization
     from crl.cluster import self_signed_certificate
-    from crl.params_service import check_token
+    from params import check_token
     proc = crl(server, "create-secrets")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "namespace 'crl' does not exist" in proc.stderr and "--create-namespace" in proc.stderr

@@ -454,7 +454,7 @@ def test_each_role_loads_its_security_from_its_pod_and_only_token_holders_get_pa
     from prometheus_client import CollectorRegistry
 
     from crl.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names, self_signed_certificate
-    from crl.params_service import ParameterClient, ParameterServer, security_from_config
+    from params import ParameterClient, ParameterServer, security_from_config
 
     _, objs = rendered["cpu"]
     cfg = _crl_config(objs)

@@ -14,7 +14,7 @@ CORE = ["crl/config.py", "crl/envs", "crl/networks.py", "crl/relabel.py", "crl/l
         "crl/placement.py", "crl/backend.py", "crl/localhost.py", "crl/metrics.py"]
 ROLES = {"actors": "actors", "learner": "learner", "evaluator": "evaluator", "replay": "replay"}
 APP = ("crl.cli", "crl.cli_help", "crl.launcher", "crl.cluster", "crl.research")
-SERVICES = ("crl.params_service", "protos", "reverb", "grpc", "kubernetes", "tensorflow")
+SERVICES = ("params", "protos", "reverb", "grpc", "kubernetes", "tensorflow")
 
 
 def _imports(path: Path):

@@ -184,7 +184,7 @@ def same(a, b):
 def test_role_publishes_off_the_loop_newest_finite_state_and_final_at_stop(role_setup, tmp_path,
                                                                           monkeypatch):
     import learner.role as role
-    from crl.params_service import ParameterClient
+    from params import ParameterClient
     from learner.checkpoint import LearnerCheckpointer
     from replay.writer import SegmentWriter
     overrides, rec, run_learner = role_setup
@@ -266,7 +266,7 @@ def test_role_publishes_off_the_loop_newest_finite_state_and_final_at_stop(role_
 def test_budget_does_the_owed_updates_then_serves_without_exiting(role_setup, tmp_path):
     """At the budget the learner does the SGD steps still owed (utd x env steps after the
     prefill) and, with learner.exit_at_budget false, keeps serving the final params."""
-    from crl.params_service import ParameterClient
+    from params import ParameterClient
     from replay.writer import SegmentWriter
     overrides, rec, run_learner = role_setup
     rec["slow_s"] = 0.0

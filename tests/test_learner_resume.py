@@ -11,7 +11,7 @@ import numpy as np
 
 from crl import config as C
 from crl.learning import make_learner
-from crl.params_service import ParameterClient
+from params import ParameterClient
 from helpers import (free_port_block, port_open, random_segments as segments,
                      small_learner_overrides, start_role, stop_process, wait_for, write_all)
 from learner.checkpoint import LearnerCheckpointer

@@ -47,7 +47,7 @@ PUBLISHER = textwrap.dedent("""
     import sys, time, jax, numpy as np
     from crl import config as C
     from crl.networks import CRLNetworks
-    from crl.params_service import ParameterServer
+    from params import ParameterServer
     port, cert, key, token, period, limit = sys.argv[1:7]
     cfg = C.load()
     nets = CRLNetworks(cfg.network, 4, 2, 2)
@@ -116,7 +116,7 @@ def run_load(servers, num_actors, duration_s, max_writes, tmp_path):
     import jax
     import reverb
     from crl.networks import CRLNetworks
-    from crl.params_service import ParameterClient
+    from params import ParameterClient
     from replay import TABLE
     from replay.writer import SegmentWriter
     replay_addr, params_addr, cert = servers

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from crl.params_service import (ParameterClient, ParameterServer, ParamsMismatchError,
+from params import (ParameterClient, ParameterServer, ParamsMismatchError,
                                 signature_hash, specs_of)
 from protos import params_pb2, params_pb2_grpc
 
@@ -359,7 +359,7 @@ def test_unknown_subset_is_an_error_even_when_not_newer(server, client):
 
 
 def test_wrong_protocol_version_and_min_version_are_refused_with_a_message(server, client):
-    from crl.params_service import PROTOCOL_VERSION
+    from params import PROTOCOL_VERSION
     server.publish(small_params(), 2)
     channel = grpc.insecure_channel(server.address)
     stub = params_pb2_grpc.ParameterServiceStub(channel)
@@ -399,7 +399,7 @@ def _big_params(n: int = 700_000):
 
 
 def test_data_messages_are_byte_for_byte_what_protobuf_writes(server):
-    from crl.params_service import _chunk_data, _encode_data
+    from params.wire import _chunk_data, _encode_data
     for n in (0, 1, 127, 128, 300, 16384, 2_000_000):
         data = bytes(range(256)) * (n // 256) + bytes(n % 256)
         raw = _encode_data(memoryview(data))
@@ -423,7 +423,7 @@ def test_data_messages_are_byte_for_byte_what_protobuf_writes(server):
 
 
 def test_chunk_data_reads_any_valid_encoding_and_refuses_others():
-    from crl.params_service import ParamsIntegrityError, _chunk_data
+    from params.wire import ParamsIntegrityError, _chunk_data
     # Not the server's layout but valid protobuf: an unknown field after the data, or the data
     # field twice (the last wins).
     unknown = params_pb2.ParamsChunk(data=b"abc").SerializeToString() + b"\x78\x01"
@@ -441,8 +441,8 @@ def test_chunk_data_reads_any_valid_encoding_and_refuses_others():
 
 @pytest.mark.parametrize("damage", ["flip", "drop", "swap"])
 def test_damaged_chunk_is_refused_by_the_incremental_hash(server, monkeypatch, damage):
-    import crl.params_service as ps
-    from crl.params_service import ParamsIntegrityError
+    import params.wire as ps
+    from params import ParamsIntegrityError
     real = ps._View.messages
 
     def damaged(self, chunk_bytes, memo):
@@ -577,7 +577,7 @@ def test_host_cache_fetches_once_per_host_and_version(server, registry, tmp_path
 def test_server_threads_and_service_config_fields(registry):
     import dataclasses
     from crl import config as C
-    from crl.params_service import client_from_config, server_from_config
+    from params import client_from_config, server_from_config
     with pytest.raises(ValueError, match="max_workers"):
         ParameterServer("127.0.0.1:0", max_workers=0, registry=registry)
     cfg = C.Config()

@@ -21,7 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from crl import config as C
-from crl.params_service import (ParameterClient, ParameterServer, Security, check_token,
+from params import (ParameterClient, ParameterServer, Security, check_token,
                                 client_from_config, security_from_config, server_from_config)
 from helpers import REPO
 
