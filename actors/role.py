@@ -1,5 +1,12 @@
 """The actor role: step `env.num_envs` envs with the newest policy and write segments to replay.
 
+Cadence: one unroll = U = `actor.unroll_length` env steps of every env with ONE params version
+(the newest at its dispatch), so the policy is refreshed every U steps (the paper: 62), while
+the learner trains on windows of T = `replay.segment_length` steps (the paper: 1,000): with U < T
+the writer streams each env's unrolls and creates, every unroll, one item per env = the window
+of its last T steps (overlapping windows sharing Reverb chunks, replay/writer.py); the first
+item of an env comes after ceil(T / U) unrolls. U = T (the default, 0): disjoint segments.
+
 Thin shell around crl.rollout.Unroller (the same unroll the in-process driver uses):
   - waits for the first params, then refreshes them in a background thread (never stalls the
     environment loop on the learner);
@@ -136,12 +143,13 @@ def _replay_answers(address: str) -> bool:
 
 
 class ReplayOutput:
-    """The actor's link to replay: one SegmentWriter, rebuilt when replay restarts.
+    """The actor's link to replay: one SegmentWriter, reconnected when replay restarts (it keeps
+    the last unrolls of every env, so a fresh stream's next item is whole again).
 
-    write(segments) returns True once replay confirmed every segment, waiting (in bounded slices,
-    logged) while replay is down or its rate limiter holds inserts. After a stop request all
-    remaining writes share one deadline, FINAL_FLUSH_S; a write not confirmed by then returns
-    False (the caller counts the segments as dropped).
+    write(segments) returns the number of items replay confirmed (>= 0: in stream mode the first
+    unrolls of a stream make none), waiting (in bounded slices, logged) while replay is down or
+    its rate limiter holds inserts. After a stop request all remaining writes share one deadline,
+    FINAL_FLUSH_S; a write not confirmed by then returns None (the caller counts it as dropped).
     """
 
     def __init__(self, cfg: Config, state_dim: int, action_dim: int, stop: threading.Event, log):
@@ -160,15 +168,14 @@ class ReplayOutput:
                              state_dim=self.state_dim, action_dim=self.action_dim)
 
     def _drop_writer(self):
-        """Closes the writer; its unconfirmed items are written again by a fresh one."""
+        """Drops the writer's stream; its unconfirmed items are written again on a fresh one."""
         if self.writer is not None:
             try:
-                self.writer.close()
+                self.writer.reconnect()
             except Exception:
-                pass
-        self.writer = None
+                self.writer = None
 
-    def write(self, segments) -> bool:
+    def write(self, segments) -> Optional[int]:
         from replay import ReplayTimeout, ReplayUnavailable
         queued = False   # appended to the writer, waiting for confirmation: retry as a flush
         held_since = None
@@ -177,16 +184,17 @@ class ReplayOutput:
             if self.stop.is_set():
                 self.stop_deadline = self.stop_deadline or time.monotonic() + FINAL_FLUSH_S
                 if time.monotonic() > self.stop_deadline:
-                    return False
+                    return None
             try:
                 if self.writer is None:
                     self.writer = self._new_writer()
                 if queued:
+                    items = self.writer.unconfirmed
                     self.writer.flush()
                 else:
-                    self.writer.write(segments)
+                    items = self.writer.write(segments)
                 self.backoff.reset()
-                return True
+                return items
             except ReplayTimeout:
                 # Appended and not yet confirmed if the writer got past its server check.
                 queued = self.writer.unconfirmed > 0
@@ -249,7 +257,7 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
     template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
     unroller = Unroller(env, nets, cfg.env.num_envs, cfg.episode_length)
-    E, T = cfg.env.num_envs, cfg.segment_length
+    E, T, U = cfg.env.num_envs, cfg.segment_length, cfg.unroll_length
 
     client = client_from_config(cfg, template=template, security=security)
     refresher = ParamsRefresher(client, cfg.actor.param_refresh_s, log)
@@ -267,8 +275,8 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
 
     replay = ReplayOutput(cfg, env.state_dim, env.action_size, stop, log)
     episodes = success_steps = 0.0
-    log.info("stepping %d envs of %s, segments of %d steps, episode ids from %d", E,
-             cfg.env.name, T, id_base)
+    log.info("stepping %d envs of %s, unrolls of %d steps (policy refreshed at each), windows of "
+             "%d steps, episode ids from %d", E, cfg.env.name, U, T, id_base)
     pending: Optional[Unroll] = None   # dispatched in the previous iteration, not yet written
     while True:
         stopping = stop.is_set()
@@ -277,7 +285,7 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
             # envs on its own threads while this thread writes the previous unroll below.
             version, params = refresher.latest()
             VERSION.set(version)
-            state, segments, stats = unroller.unroll(state, params, version, length=T)
+            state, segments, stats = unroller.unroll(state, params, version, length=U)
             dispatched = Unroll(version, segments, stats, state.next_episode_id)
         if pending is not None:
             t0 = time.perf_counter()
@@ -285,10 +293,11 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
             UNROLL_SECONDS.observe(time.perf_counter() - t0)
             segments_k = jax.tree_util.tree_map(np.asarray, pending.segments)
             t0 = time.perf_counter()
-            if replay.write(segments_k):
+            items = replay.write(segments_k)
+            if items is not None:
                 WRITE_SECONDS.observe(time.perf_counter() - t0)
-                SEGMENTS.inc(E)
-                ENV_STEPS.inc(E * T)
+                SEGMENTS.inc(items)
+                ENV_STEPS.inc(E * U)
                 n_ep, n_succ = (float(pending.stats["episodes"]),
                                 float(pending.stats["success_steps"]))
                 EPISODES.inc(n_ep)
@@ -298,7 +307,7 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
                     TIME_AT_GOAL.set(success_steps / episodes)
             else:
                 DROPPED.inc(E)
-                log.warning("stopping: %d segments of an unroll were not confirmed by replay "
+                log.warning("stopping: the %d items of an unroll were not confirmed by replay "
                             "within %.0fs of the stop; dropped", E, FINAL_FLUSH_S)
             NEXT_EPISODE_ID.set(int(pending.next_episode_id))
             # Lag of the params in use (those of the unroll stepping now, the VERSION gauge).

@@ -74,6 +74,10 @@ class ActorConfig:
     num_actors: int = 2                 # actor processes (the local launcher); k8s: replicas
     param_refresh_s: float = 1.0        # how often the background thread asks for newer params
     write_timeout_s: float = 30.0       # bound on every flush to Reverb
+    # Env steps per unroll: the actor refreshes its policy this often and writes one item (the
+    # window of the last segment_length steps of each env) per unroll. 0 = segment_length (one
+    # params version per window, no overlap). Paper: 62 (windows of 1,000 at offsets of 62).
+    unroll_length: int = 0
     seed: int = 0                       # base of the actors' env and policy PRNG keys
 
 
@@ -196,14 +200,20 @@ class Config:
         return self.eval.every_env_steps
 
     @property
+    def unroll_length(self) -> int:
+        """Env steps between two items of one env (and between policy refreshes)."""
+        return self.actor.unroll_length or self.segment_length
+
+    @property
     def samples_per_insert(self) -> float:
         """Reverb items sampled per item inserted so that gradient steps / env steps == utd.
 
         One learner call samples segments_per_call items and takes minibatches_per_call steps;
-        one inserted item holds segment_length env steps.
+        one inserted item brings unroll_length NEW env steps (its window overlaps the previous
+        items of its env by segment_length - unroll_length steps).
         """
         steps_per_item_sampled = self.learner.minibatches_per_call / self.learner.segments_per_call
-        return self.replay.utd * self.segment_length / steps_per_item_sampled
+        return self.replay.utd * self.unroll_length / steps_per_item_sampled
 
 
 class ConfigError(ValueError):
@@ -461,6 +471,7 @@ def _errors(cfg: Config) -> List[str]:
     positive("actor.num_actors", cfg.actor.num_actors)
     positive("actor.param_refresh_s", cfg.actor.param_refresh_s)
     positive("actor.write_timeout_s", cfg.actor.write_timeout_s)
+    non_negative("actor.unroll_length", cfg.actor.unroll_length)
 
     l = cfg.learner
     positive("learner.segments_per_call", l.segments_per_call)
@@ -549,6 +560,9 @@ def _errors(cfg: Config) -> List[str]:
             f"call, but one sample supplies learner.segments_per_call x segment length = "
             f"{l.segments_per_call} x {seg} = {supply}; lower batch_size or minibatches_per_call, "
             "or raise segments_per_call")
+    if cfg.actor.unroll_length > seg:
+        errs.append(f"actor.unroll_length = {cfg.actor.unroll_length}: must be <= the segment "
+                    f"length {seg} (0 = the segment length)")
     if seg > r.capacity_steps:
         errs.append(f"replay.segment_length = {seg}: must be <= replay.capacity_steps = "
                     f"{r.capacity_steps}")

@@ -279,6 +279,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         checkpoint()   # a good state to roll back to from the very start
     UTD_TARGET.set(cfg.replay.utd)
     T = cfg.segment_length
+    U = cfg.unroll_length   # new env steps per inserted item (its window holds T)
     every = cfg.learner.publish_every
     sampler = None
     backoff = M.Backoff()
@@ -398,7 +399,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         inserts = _replay_inserts(cfg.service.replay_address, TABLE,
                                   min(cfg.service.rpc_timeout_s, 3.0))
         if inserts is not None:
-            counters["env_steps"] = max(counters["env_steps"], inserts * T)
+            counters["env_steps"] = max(counters["env_steps"], inserts * U)
             ENV_STEPS.set(counters["env_steps"])
         owed_steps = (cfg.replay.utd * (counters["env_steps"] - cfg.replay.min_size_steps)
                       - loop["sgd_steps"])
@@ -414,7 +415,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
         if loop["mode"] == "train" and now - last_poll > 1.0:
             inserts = poller.latest()
             if inserts is not None:
-                counters["env_steps"] = inserts * T
+                counters["env_steps"] = inserts * U   # one item brings U new env steps
                 ENV_STEPS.set(counters["env_steps"])
                 after_prefill = counters["env_steps"] - cfg.replay.min_size_steps
                 if after_prefill > 0:
@@ -438,7 +439,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             if sampler is None:
                 sampler = SegmentSampler(cfg.service.replay_address, cfg.learner.segments_per_call,
                                          timeout_s=cfg.service.rpc_timeout_s,
-                                         prefetch=cfg.learner.prefetch)
+                                         prefetch=cfg.learner.prefetch, segment_length=T)
             batch = sampler.sample(timeout_s=1.0)
             backoff.reset()
         except ReplayTimeout:

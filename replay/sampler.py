@@ -13,6 +13,12 @@ background thread into a bounded queue of `prefetch` numpy batches. Every wait i
 - `next()` waits at most timeout_s on the queue and raises ReplayTimeout (the caller decides:
   retry, log, stop); errors from the pipeline (server gone: ReplayUnavailable) are raised in
   `next()` in order, and the thread keeps retrying with backoff until close().
+Items stored as [k, U, ...] (actor.unroll_length < segment_length, crl/segments.py) come out as
+the windows [T, ...] (the last T = `segment_length` steps) when segment_length is given.
+Samples in flight: the server counts a sample (rate limiter) when it hands it out, not when the
+learner trains on it, so everything this pipeline holds is counted ahead of the learner's SGD
+steps. One worker with one batch in flight keeps that to (prefetch + 2) batches; Reverb's default
+(auto workers, each with `2 x batch` in flight) held up to workers x 2 batches more (issue 11).
 TensorFlow is told to leave GPUs alone (the learner's JAX owns them).
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Dict, NamedTuple, Optional
 
 import numpy as np
 
+from crl.segments import window_of
 from replay import TABLE, ReplayError, ReplayTimeout, ReplayUnavailable
 
 log = logging.getLogger("crl.replay.sampler")
@@ -49,8 +56,9 @@ class SegmentSampler:
     """Iterator of SampleBatch from table `table` at `address` (see the module docstring)."""
 
     def __init__(self, address: str, batch_segments: int, timeout_s: float = 10.0,
-                 prefetch: int = 2, *, table: str = TABLE, num_workers: int = -1,
-                 max_in_flight_samples_per_worker: Optional[int] = None):
+                 prefetch: int = 2, *, table: str = TABLE, num_workers: int = 1,
+                 max_in_flight_samples_per_worker: Optional[int] = None,
+                 segment_length: Optional[int] = None):
         if batch_segments < 1:
             raise ValueError(f"batch_segments = {batch_segments}: must be >= 1")
         if prefetch < 1:
@@ -63,7 +71,8 @@ class SegmentSampler:
         self.timeout_s = float(timeout_s)
         self.prefetch = int(prefetch)
         self._num_workers = num_workers
-        self._max_in_flight = max_in_flight_samples_per_worker or 2 * self.batch_segments
+        self._max_in_flight = max_in_flight_samples_per_worker or self.batch_segments
+        self.segment_length = segment_length
         try:
             infos = reverb.Client(address).server_info(max(1, math.ceil(self.timeout_s)))
         except Exception as e:
@@ -111,6 +120,8 @@ class SegmentSampler:
                 for sample in self._dataset():
                     info = {k: getattr(sample.info, k).numpy() for k in INFO_FIELDS}
                     data = {k: v.numpy() for k, v in sample.data.items()}
+                    if self.segment_length:
+                        data = window_of(data, self.segment_length)
                     if not self._put(SampleBatch(data, info)):
                         return
                     backoff = 0.1

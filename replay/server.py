@@ -1,26 +1,40 @@
 """The replay role: a Reverb server holding trajectory segments, checkpointed, with metrics.
 
-One table, `TABLE` ("segments"): one item = one trajectory segment (crl/segments.py), uniform
-sampling, FIFO eviction, `capacity_steps // segment_length` items, signature = segment_spec.
+One table, `TABLE` ("segments"): one item = one trajectory window of T = segment_length steps
+(crl/segments.py), uniform sampling, FIFO eviction, signature = segment_spec. An actor creates one
+item per env every U = unroll_length steps (U = T: disjoint segments; U < T: overlapping windows
+sharing chunks, replay/writer.py; stored as [ceil(T / U), U, ...], crl/segments.py), so one item
+brings U NEW env steps: the table holds
+`capacity_steps // U` items and the prefill is M = ceil(min_size_steps / U) items. (The first
+item of each env stream holds T steps but counts U: env steps counted = inserts x U, the actors'
+own counters = that + (T - U) per stream.)
 
 Rate limiter (the update-to-data ratio)
 ---------------------------------------
 `SampleToInsertRatio(samples_per_insert=cfg.samples_per_insert, min_size_to_sample=M,
-error_buffer=B)` with M = ceil(min_size_steps / segment_length) items. Reverb tracks
+error_buffer=B)` with M = ceil(min_size_steps / U) items. Reverb tracks
 diff = samples_per_insert * inserts - samples and lets it move inside [spi*M - B, spi*M + B]:
 inserts block when diff would exceed the top, samples block when it would fall below the bottom
 (or while fewer than M items are stored). We use
 
-    B = max(utd_tolerance * spi * M,        # the tolerance term
-            2 * max(1, spi),                # Reverb needs B >= max(1, spi); x2 so one insert and
+    B = max(2 * max(1, spi),                # Reverb needs B >= max(1, spi); x2 so one insert and
                                             #   one sample always fit (no lock-step)
-            segments_per_call)              # one learner call's samples can be served from slack
+            segments_per_call,              # one learner call's samples can be served from slack
+            min(utd_tolerance * spi * M,    # the tolerance term, capped at one actor write
+                spi * num_envs))            #   (num_envs items): see below
 
 Why it holds the UTD: diff stays in a window of width 2B, so between any two instants
 |samples - spi * inserts| <= 2B, and the UTD measured over a window in which W items were
-inserted is off by at most 2B / (spi * W). With the tolerance term dominant that is
-2 * utd_tolerance * M / W: within utd_tolerance (10% by default) over any window of W >= 2M items
-(twice the prefill), and converging to exact over longer windows. Why it does not deadlock at start:
+inserted is off by at most 2B / (spi * W), converging to exact over longer windows. Before
+(issue 11) B was utd_tolerance * spi * M alone, i.e. 10% of the prefill: with the paper's prefill
+(1,000 steps per env) that is 2B = 20% of a prefill's worth of items of play, i.e. the UTD of a
+window was only held over windows of twice the prefill (minutes to hours on small machines), and
+right after the prefill the actors ran B / spi items ahead before the learner caught up. Now the
+window is one learner call or one actor write (num_envs items), whichever is larger, so a
+window of W items is within 2 * max(segments_per_call / spi, num_envs) / W: e.g. 2 x 32 envs
+writing 62-step unrolls at spi = 1 hold 10% over any window of 640 items (40k env steps).
+The learner's own UTD (SGD steps / env steps) additionally lags by the samples its pipeline
+holds (prefetched, not yet trained on: replay/sampler.py bounds them). Why it does not deadlock at start:
 inserts are free until M items are stored, then may run B / spi items ahead of sampling; samples
 start at M items with B samples of credit; a sample always re-opens inserts and an insert always
 re-opens samples, so the only waits are the intended ones (actors waiting for the learner to
@@ -78,12 +92,15 @@ class CheckpointError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Tables.
 
-def table_signature(state_dim: int, action_dim: int, length: int):
-    """{field: tf.TensorSpec} of one segment, from crl.segments.segment_spec."""
+def table_signature(state_dim: int, action_dim: int, length: int,
+                    unroll_length: Optional[int] = None):
+    """{field: tf.TensorSpec} of one item, from crl.segments.segment_spec (the stored layout
+    [k, U, ...] when unroll_length < length)."""
     import tensorflow as tf
     from crl.segments import segment_spec
     return {name: tf.TensorSpec(shape, tf.as_dtype(dtype), name=None)
-            for name, (shape, dtype) in segment_spec(state_dim, action_dim, length).items()}
+            for name, (shape, dtype)
+            in segment_spec(state_dim, action_dim, length, unroll_length).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +114,19 @@ class RateLimiterParams:
 
 def rate_limiter_params(cfg) -> RateLimiterParams:
     """The SampleToInsertRatio parameters for `cfg` (formula in the module docstring)."""
-    seg = cfg.segment_length
+    unroll = cfg.unroll_length
     spi = float(cfg.samples_per_insert)
-    min_items = max(1, math.ceil(cfg.replay.min_size_steps / seg))
-    buffer = max(cfg.replay.utd_tolerance * spi * min_items,
-                 2.0 * max(1.0, spi),
-                 float(cfg.learner.segments_per_call))
+    min_items = max(1, math.ceil(cfg.replay.min_size_steps / unroll))
+    buffer = max(2.0 * max(1.0, spi),
+                 float(cfg.learner.segments_per_call),
+                 min(cfg.replay.utd_tolerance * spi * min_items, spi * cfg.env.num_envs))
     offset = spi * min_items
     return RateLimiterParams(spi, min_items, buffer, offset - buffer, offset + buffer)
 
 
 def capacity_items(cfg) -> int:
-    return cfg.replay.capacity_steps // cfg.segment_length
+    """Items held: each brings unroll_length new env steps (module docstring)."""
+    return cfg.replay.capacity_steps // cfg.unroll_length
 
 
 def make_tables(cfg, state_dim: int, action_dim: int) -> list:
@@ -118,8 +136,8 @@ def make_tables(cfg, state_dim: int, action_dim: int) -> list:
     max_size = capacity_items(cfg)
     if max_size < rl.min_size_to_sample:
         raise ValueError(
-            f"replay.capacity_steps = {cfg.replay.capacity_steps} holds {max_size} segments of "
-            f"{cfg.segment_length} steps, fewer than the {rl.min_size_to_sample} segments "
+            f"replay.capacity_steps = {cfg.replay.capacity_steps} holds {max_size} items of "
+            f"{cfg.unroll_length} new steps, fewer than the {rl.min_size_to_sample} items "
             f"replay.min_size_steps = {cfg.replay.min_size_steps} needs before sampling starts: "
             "sampling would never start; raise capacity_steps")
     return [reverb.Table(
@@ -132,7 +150,7 @@ def make_tables(cfg, state_dim: int, action_dim: int) -> list:
             min_size_to_sample=rl.min_size_to_sample,
             error_buffer=rl.error_buffer),
         max_times_sampled=0,
-        signature=table_signature(state_dim, action_dim, cfg.segment_length),
+        signature=table_signature(state_dim, action_dim, cfg.segment_length, cfg.unroll_length),
     )]
 
 
@@ -224,7 +242,7 @@ class _Collector:
         with s._lock:
             info, info_t = s._info, s._info_time
             ck = dict(s._ckpt_stats)
-        seg = s.segment_length
+        seg = s.cfg.unroll_length   # NEW env steps per item (= the segment length when U = T)
 
         def g(name, doc, value):
             m = GaugeMetricFamily(name, doc)
@@ -238,7 +256,9 @@ class _Collector:
 
         fresh = info is not None and time.time() - info_t < max(5.0, 5 * s._poll_s)
         yield g("crl_replay_up", "1 if the last table poll succeeded recently", 1 if fresh else 0)
-        yield g("crl_replay_segment_length_env_steps", "env steps per item (segment)", seg)
+        yield g("crl_replay_segment_length_env_steps", "env steps per item (segment)",
+                s.segment_length)
+        yield g("crl_replay_unroll_length_env_steps", "new env steps per item (unroll)", seg)
         yield c("crl_replay_checkpoints", "checkpoints written since start", ck["count"])
         yield c("crl_replay_checkpoint_failures", "checkpoint attempts that failed", ck["failures"])
         yield g("crl_replay_checkpoint_duration_seconds", "duration of the last checkpoint "
@@ -332,7 +352,8 @@ class ReplayServer:
         self._ckpt_stats = {"count": 0, "failures": 0, "last_duration": 0.0, "last_time": 0.0}
         self.corrupt_checkpoints: List[str] = []
         os.makedirs(self.checkpoint_dir, exist_ok=True)
-        expected_sig = table_signature(state_dim, action_dim, self.segment_length)
+        expected_sig = table_signature(state_dim, action_dim, self.segment_length,
+                                       cfg.unroll_length)
 
         # Start, quarantining corrupt checkpoints (each retry skips one more).
         def bad_checkpoint(path, why, cause=None):

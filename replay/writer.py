@@ -8,6 +8,21 @@ For T=100, state_dim=29, action_dim=8, 64 envs per write, one writer process: ~7
 (~760k env steps/s), against ~370 segments/s (37k env steps/s) for the per-step pattern
 (T appends per segment, item = history[-T:]).
 
+Stream mode (`unroll_length` U < T, the paper's schedule: windows of T = 1,000 steps created every
+U = 62 steps): each write brings U new steps of each of N envs. Each env's unroll is appended ONCE
+as one cell per field ([U, ...]) to a per-env stream (one TrajectoryWriter, 5 columns per env, one
+chunk per cell) and, once an env's stream holds k = ceil(T / U) unrolls, one item per env
+references its last k cells (stored [k, U, ...]; the learner's sampler keeps the last T steps,
+crl.segments.window_of): consecutive items of an env share k - 1 chunks, so no step is copied
+(server memory ~ one copy of every step still referenced; each step sits in k items). The first
+item of a stream comes after k unrolls. Measured (T=1000, U=62, ant dims, 32 envs per write,
+server in another process, 2 loaded cores; benchmark in docs/design.md): one cell per STEP
+(items of 1,000 refs per column) ran ~2,800 env steps/s (CreateItem ~7 ms per item: pybind
+converts every ref); one cell per UNROLL ~100x faster. The writer keeps the last k confirmed
+unrolls of every env on the host so that after `reconnect()` the fresh stream is primed with them
+(appended, no items) and the next item is complete again: nothing is lost to a replay restart but
+the unconfirmed unroll, which the caller writes again.
+
 Every write ends with a flush bounded by `timeout_s`: when the rate limiter holds inserts (the
 learner is not sampling) or the server is unreachable, `ReplayTimeout` is raised instead of
 hanging. The unconfirmed items stay queued in this writer (they are sent first by the next
@@ -16,6 +31,7 @@ a reconnect the old stream may already have delivered some items, so duplicates 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import time
@@ -41,12 +57,15 @@ class SegmentWriter:
       - cfg_or_spec: a crl Config (then state_dim and action_dim are required: they come from the
         env) or a spec dict {field: (shape, dtype)} as returned by crl.segments.segment_spec.
       - timeout_s: bound on every flush and server call (actor.write_timeout_s).
+      - unroll_length: None = cfg.unroll_length for a Config, else T. U < T = stream mode (module
+        docstring): write() takes unrolls {field: [N, U, ...]} and creates the overlapping items.
     """
 
     def __init__(self, address: str, cfg_or_spec: Any, timeout_s: float = 30.0, *,
                  state_dim: Optional[int] = None, action_dim: Optional[int] = None,
-                 table: str = TABLE, priority: float = 1.0, check_server_signature: bool = True):
-        from crl.segments import FIELDS, segment_spec
+                 table: str = TABLE, priority: float = 1.0, check_server_signature: bool = True,
+                 unroll_length: Optional[int] = None):
+        from crl.segments import FIELDS, cells_per_window, segment_spec
         if isinstance(cfg_or_spec, Mapping):
             spec = dict(cfg_or_spec)
         else:
@@ -54,12 +73,31 @@ class SegmentWriter:
                 raise ValueError("SegmentWriter(address, cfg, ...) needs state_dim= and "
                                  "action_dim= (from the env)")
             spec = segment_spec(state_dim, action_dim, cfg_or_spec.segment_length)
+            if unroll_length is None:
+                unroll_length = cfg_or_spec.unroll_length
         if set(spec) != set(FIELDS):
             raise ValueError(f"segment spec fields {sorted(spec)} != {sorted(FIELDS)}")
         self.spec: Dict[str, Tuple[tuple, np.dtype]] = {
             k: (tuple(spec[k][0]), np.dtype(spec[k][1])) for k in FIELDS}
         self.fields = FIELDS
-        self.segment_length = self.spec["state"][0][0]
+        self.segment_length = T = self.spec["state"][0][0]
+        self.unroll_length = U = int(unroll_length or T)
+        if not 1 <= U <= T:
+            raise ValueError(f"unroll_length = {U}: must be in 1..{T} (the segment length)")
+        self.streaming = U < T
+        # What write() takes: segments [N, T, ...], or in stream mode unrolls [N, U, ...].
+        self.write_spec = {k: ((U,) + shape[1:], dt) for k, (shape, dt) in self.spec.items()}
+        self.cells_per_item = cells_per_window(T, U) if self.streaming else 1
+        # What the table stores ([k, U, ...] in stream mode), checked against the server.
+        self.stored_spec = {k: (tuple(v[0]), np.dtype(v[1])) for k, v in segment_spec(
+            self.spec["state"][0][1], self.spec["action"][0][1], T, U).items()}
+        self._columns = tuple(sorted(FIELDS))   # the order Reverb flattens the signature in
+        # Stream mode: the last k confirmed unrolls (host copies, to prime a fresh stream), the
+        # appended but unconfirmed one, and per column the refs of its last k cells.
+        self._hist: collections.deque = collections.deque(maxlen=self.cells_per_item)
+        self._pending: Optional[Dict[str, np.ndarray]] = None
+        self._refs = None
+        self.stream_steps = 0             # steps appended to the current stream
         self.address = address
         self.table = table
         self.priority = float(priority)
@@ -82,6 +120,9 @@ class SegmentWriter:
         self._writer = None
         self._verified = False
         self.unconfirmed = 0
+        self._pending = None
+        self._refs = None
+        self.stream_steps = 0
 
     def _ensure_writer(self):
         """The TrajectoryWriter, created after the (bounded) server check.
@@ -93,11 +134,19 @@ class SegmentWriter:
         if self._writer is None:
             from reverb import pybind, trajectory_writer
             self._verify_server()
-            # One cell per segment, one chunk per cell (see the module docstring).
-            self._writer = trajectory_writer.TrajectoryWriter(
-                self._client._client.NewTrajectoryWriter(
-                    pybind.ConstantChunkerOptions(max_chunk_length=1, num_keep_alive_refs=1),
-                    False))
+            if self.streaming:
+                # One cell per env and unroll, one chunk per cell; the last k cells alive.
+                self._writer = self._client._client.NewTrajectoryWriter(
+                    pybind.ConstantChunkerOptions(max_chunk_length=1,
+                                                  num_keep_alive_refs=self.cells_per_item),
+                    False)
+                self._refs, self.stream_steps = None, 0
+            else:
+                # One cell per segment, one chunk per cell (see the module docstring).
+                self._writer = trajectory_writer.TrajectoryWriter(
+                    self._client._client.NewTrajectoryWriter(
+                        pybind.ConstantChunkerOptions(max_chunk_length=1, num_keep_alive_refs=1),
+                        False))
         return self._writer
 
     def _verify_server(self) -> None:
@@ -116,7 +165,8 @@ class SegmentWriter:
             raise ReplayError(f"replay server at {self.address} has no table {self.table!r} "
                               f"(tables: {sorted(infos)})")
         sig = infos[self.table].signature or {}
-        for k, (shape, dtype) in (self.spec.items() if self._check_server_signature else ()):
+        for k, (shape, dtype) in (self.stored_spec.items() if self._check_server_signature
+                                  else ()):
             if k not in sig or tuple(sig[k].shape) != shape or sig[k].dtype.as_numpy_dtype != dtype:
                 got = (f"{tuple(sig[k].shape)} {sig[k].dtype.name}" if k in sig else "absent")
                 raise ValueError(
@@ -133,7 +183,7 @@ class SegmentWriter:
         self._writer = None
         if old is not None:
             try:
-                old.close()   # cancels the stream; does not wait for confirmations
+                (old.Close if self.streaming else old.close)()   # cancels the stream; does not wait for confirmations
             except Exception:
                 pass
         self.reconnects += 1
@@ -142,7 +192,8 @@ class SegmentWriter:
     # -- validation -----------------------------------------------------------------------------
 
     def validate(self, segments: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-        """Checks {field: [N, T, ...]} against the segment spec; returns numpy arrays.
+        """Checks {field: [N, T, ...]} ([N, U, ...] in stream mode) against the spec; returns
+        numpy arrays.
 
         Raises ValueError naming the field, the expected and the actual shape/dtype.
         """
@@ -156,7 +207,7 @@ class SegmentWriter:
         out, n = {}, None
         for k in self.fields:
             v = np.asarray(segments[k])
-            shape, dtype = self.spec[k]
+            shape, dtype = self.write_spec[k]
             if v.ndim != len(shape) + 1 or tuple(v.shape[1:]) != shape or v.dtype != dtype:
                 raise ValueError(
                     f"segment field {k!r}: expected [N, {', '.join(map(str, shape))}] {dtype.name}, "
@@ -180,6 +231,8 @@ class SegmentWriter:
         data = self.validate(segments)
         n = data[self.fields[0]].shape[0]
         w = self._ensure_writer()
+        if self.streaming:
+            return self._write_unroll(w, data)
         try:
             for i in range(n):
                 w.append({k: data[k][i] for k in self.fields})
@@ -195,6 +248,55 @@ class SegmentWriter:
         self.flush()
         return n
 
+    def _append_unroll(self, w, data: Dict[str, np.ndarray]) -> None:
+        """Appends one unroll {field: [N, U, ...]}: one cell per env and field."""
+        cols = self._columns
+        n = data[cols[0]].shape[0]
+        if self._refs is None:
+            self._refs = [collections.deque(maxlen=self.cells_per_item)
+                          for _ in range(n * len(cols))]
+        fields = [data[k] for k in cols]
+        cells = [f[e] for e in range(n) for f in fields]   # env-major, fields in sorted order
+        for q, r in zip(self._refs, w.Append(cells)):
+            q.append(r)
+        self.stream_steps += self.unroll_length
+
+    def _write_unroll(self, w, data: Dict[str, np.ndarray]) -> int:
+        """Stream mode: appends one unroll, one item per env once its stream holds k unrolls."""
+        ncol = len(self._columns)
+        n = data[self.fields[0]].shape[0]
+        if self._hist and self._hist[0][self.fields[0]].shape[0] != n:
+            raise ValueError(f"stream mode: {n} envs in this write, "
+                             f"{self._hist[0][self.fields[0]].shape[0]} before (one stream per env)")
+        items = 0
+        try:
+            if self.stream_steps == 0:
+                for old in self._hist:     # a fresh stream: prime it with the last k unrolls
+                    self._append_unroll(w, old)
+            self._append_unroll(w, data)
+            self._pending = data
+            if len(self._refs[0]) == self.cells_per_item:
+                squeeze = [False] * ncol
+                for e in range(n):
+                    w.CreateItem(self.table, self.priority,
+                                 [list(self._refs[e * ncol + c]) for c in range(ncol)], squeeze)
+                    self.unconfirmed += 1
+                    items += 1
+        except ReplayError:
+            raise
+        except Exception as e:
+            if _unavailable(e):
+                raise ReplayUnavailable(f"replay server at {self.address}: {e}") from e
+            raise
+        self.flush()
+        return items
+
+    def _confirmed(self) -> None:
+        """Stream mode: the pending unroll is confirmed: keep it to prime a fresh stream."""
+        if self._pending is not None:
+            self._hist.append(self._pending)
+            self._pending = None
+
     def flush(self, timeout_s: Optional[float] = None) -> None:
         """Waits (bounded) until every queued item is confirmed by the server.
 
@@ -206,9 +308,18 @@ class SegmentWriter:
         if self._writer is None:
             return
         try:
-            self._writer.flush(timeout_ms=max(1, int(t * 1000)))
+            if self.streaming:
+                try:
+                    self._writer.Flush(0, max(1, int(t * 1000)))
+                except RuntimeError as e:
+                    if "Timeout exceeded" in str(e):
+                        raise reverb.errors.DeadlineExceededError(str(e)) from e
+                    raise
+            else:
+                self._writer.flush(timeout_ms=max(1, int(t * 1000)))
             self.segments_written += self.unconfirmed
             self.unconfirmed = 0
+            self._confirmed()
         except reverb.errors.DeadlineExceededError as e:
             raise ReplayTimeout(
                 f"replay write to {self.address} not confirmed within {t:g}s (rate limiter holding "
@@ -225,11 +336,13 @@ class SegmentWriter:
         """Closes the writer without waiting (flush first to be sure everything landed)."""
         if self._writer is not None:
             try:
-                self._writer.close()
+                (self._writer.Close if self.streaming else self._writer.close)()
             except Exception:
                 pass
             self._writer = None
         self.unconfirmed = 0
+        self._pending = None
+        self._refs, self.stream_steps = None, 0
 
     def __enter__(self):
         return self

@@ -423,3 +423,54 @@ def test_sampler_and_writer_unreachable_server_are_bounded():
     w.close()
     assert time.monotonic() - t0 < 10
 
+
+
+def test_stream_mode_overlapping_windows_share_cells_and_survive_reconnect(tmp_path):
+    """actor.unroll_length U < T: one item per env and unroll = the env's last T steps (stored
+    [k, U, ...], k = ceil(T / U)); the first after k unrolls; a reconnected writer primes its
+    fresh stream with the last k unrolls, so the next item is whole and continuous."""
+    import reverb
+    from crl.segments import window_of
+    from replay.server import ReplayServer, capacity_items, rate_limiter_params
+    from replay.writer import SegmentWriter
+
+    U, E = 4, 3                          # T = 10: k = 3 cells of 4 steps, windows = last 10
+    cfg = cfg_with(**{"actor.unroll_length": U, "replay.min_size_steps": 400,
+                      "env.num_envs": E})
+    assert cfg.samples_per_insert == pytest.approx(0.05 * U * 4 / 1)
+    assert capacity_items(cfg) == 1000 // U
+    assert rate_limiter_params(cfg).min_size_to_sample == 100
+    server = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(tmp_path / "ckpt"),
+                          checkpoint_interval_s=0)
+    try:
+        w = SegmentWriter(server.address, cfg, 10.0, state_dim=STATE_DIM, action_dim=ACTION_DIM)
+        assert w.streaming and w.cells_per_item == 3
+
+        def unroll(j):   # steps j*U .. j*U+U-1 of every env; value = env * 10000 + step
+            out = {}
+            for k, (shape, dtype) in segment_spec(STATE_DIM, ACTION_DIM, U).items():
+                step = np.arange(j * U, (j + 1) * U).reshape((U,) + (1,) * (len(shape) - 1))
+                out[k] = np.stack([np.broadcast_to(e * 10000 + step, shape)
+                                   for e in range(E)]).astype(dtype)
+            return out
+
+        made = [w.write(unroll(j)) for j in range(5)]
+        assert made == [0, 0, E, E, E]
+        w.reconnect()                     # e.g. replay restarted: a fresh stream, primed
+        assert w.write(unroll(5)) == E
+        assert table_size(server.address) == 4 * E
+        client = reverb.Client(server.address)
+        seen = set()
+        for s in client.sample(TABLE, num_samples=64, emit_timesteps=False,
+                               unpack_as_table_signature=True):
+            data = window_of({k: np.asarray(v)[None] for k, v in s.data.items()}, T)
+            ep = data["episode_id"][0]
+            env, end = int(ep[0]) // 10000, int(ep[-1]) % 10000 + 1
+            assert end % U == 0 and end >= 3 * U
+            np.testing.assert_array_equal(ep, env * 10000 + np.arange(end - T, end))
+            for k in FIELDS:
+                assert data[k].shape[1] == T
+            seen.add((env, end))
+        assert {end for _, end in seen} <= {12, 16, 20, 24}
+    finally:
+        server.stop(checkpoint=False)
