@@ -338,7 +338,21 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
         _write_pids(run_dir, children)   # {} once everything stopped
         for s, h in previous.items():
             signal.signal(s, h)
-        summary = {"metrics": scraped, "exit_codes": exits,
+        # The learner's last scrape can predate its final calls (the owed ones at the budget):
+        # its final figures come from learner_final.json, written at its exit.
+        try:
+            with open(os.path.join(run_dir, "learner_final.json")) as f:
+                final = json.load(f)
+        except (OSError, ValueError):
+            final = None
+        if final is not None:
+            lm = scraped.setdefault("learner", {})
+            for metric, key in (("crl_learner_utd", "utd"), ("crl_learner_sgd_steps", "sgd_steps"),
+                                ("crl_learner_env_steps", "env_steps"),
+                                ("crl_learner_params_version", "params_version")):
+                if final.get(key) is not None:
+                    lm[metric] = final[key]
+        summary = {"metrics": scraped, "learner_final": final, "exit_codes": exits,
                    "restarts": {c.name: c.restarts for c in children},
                    "restart_events": {c.name: c.events for c in children},
                    "stop_s": {c.name: c.stop_s for c in children},
