@@ -435,11 +435,10 @@ def test_stream_mode_overlapping_windows_share_cells_and_survive_reconnect(tmp_p
     from replay.writer import SegmentWriter
 
     U, E = 4, 3                          # T = 10: k = 3 cells of 4 steps, windows = last 10
-    cfg = cfg_with(**{"actor.unroll_length": U, "replay.min_size_steps": 400,
-                      "env.num_envs": E})
-    assert cfg.samples_per_insert == pytest.approx(0.05 * U * 4 / 1)
+    cfg = cfg_with(**{"actor.unroll_length": U, "replay.utd": 1.0, "env.num_envs": E})
+    assert cfg.samples_per_insert == pytest.approx(1.0 * U * 4 / 1)    # 16: items of U steps
     assert capacity_items(cfg) == 1000 // U
-    assert rate_limiter_params(cfg).min_size_to_sample == 100
+    assert rate_limiter_params(cfg).min_size_to_sample == 10           # 40 steps / U
     server = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(tmp_path / "ckpt"),
                           checkpoint_interval_s=0)
     try:
@@ -461,7 +460,7 @@ def test_stream_mode_overlapping_windows_share_cells_and_survive_reconnect(tmp_p
         assert table_size(server.address) == 4 * E
         client = reverb.Client(server.address)
         seen = set()
-        for s in client.sample(TABLE, num_samples=64, emit_timesteps=False,
+        for s in client.sample(TABLE, num_samples=48, emit_timesteps=False,
                                unpack_as_table_signature=True):
             data = window_of({k: np.asarray(v)[None] for k, v in s.data.items()}, T)
             ep = data["episode_id"][0]
