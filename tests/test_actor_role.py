@@ -68,14 +68,16 @@ def stack(tmp_path_factory):
     cfg = config_lib.load(None, {
         "env.name": ENV, "env.num_envs": E, "env.episode_length": 25,
         "network.actor.width": 32, "network.critic.width": 32,
-        "replay.segment_length": T, "replay.capacity_steps": 100_000,
-        # Nothing samples here: inserts are free until the prefill (10,000 items) is stored.
-        "replay.min_size_steps": 100_000, "replay.checkpoint_interval_s": 1e9,
+        "replay.segment_length": T, "replay.capacity_steps": 100_000, "replay.min_size_steps": T,
+        "replay.utd_tolerance": 1e6, "replay.checkpoint_interval_s": 1e9,
         "learner.segments_per_call": 1, "learner.minibatches_per_call": 1, "algo.batch_size": 8,
         "actor.param_refresh_s": 0.05,
         "service.replay_address": f"127.0.0.1:{port}",
         "service.params_address": f"127.0.0.1:{params_server.port}"})
-    replay = ReplayServer(cfg, env.state_dim, env.action_size, port,
+    # The rate limiter's buffer is one actor write (env.num_envs items): a replay sized for 1,000
+    # envs lets these actors insert (and the test sample) freely; nothing trains here.
+    replay_cfg = config_lib.override(cfg, {"env.num_envs": 1000})
+    replay = ReplayServer(replay_cfg, env.state_dim, env.action_size, port,
                           str(tmp_path_factory.mktemp("replay_ckpt")), checkpoint_interval_s=0)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
     actor_params = jax.tree_util.tree_map(np.asarray, nets.init(jax.random.PRNGKey(0))[0])
