@@ -59,12 +59,12 @@ class AlgoConfig:
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig:
     capacity_steps: int = 200_000       # env steps held (items = capacity_steps / segment_length)
-    # Env steps stored before sampling starts (prefill); 0 = derived from the env: the larger of
-    # 12,800 and one learner sample (learner.segments_per_call x segment length).
+    # Env steps stored before sampling starts (prefill), counted as items x unroll length; 0 =
+    # derived: the larger of 12,800 and one learner sample (segments_per_call x unroll length).
     min_size_steps: int = 0
     segment_length: int = 0             # steps per item; 0 = episode length
     utd: float = 0.05                   # gradient steps per env step, held by the rate limiter
-    utd_tolerance: float = 0.1          # rate-limiter error buffer, as a fraction of min size
+    utd_tolerance: float = 0.1          # rate-limiter slack as a fraction of the prefill, capped at one actor write and at least one learner call
     checkpoint_dir: str = ""            # "" = <run_dir>/replay_checkpoints
     checkpoint_interval_s: float = 300.0   # seconds between replay checkpoints
 
@@ -342,11 +342,12 @@ DEFAULT_PREFILL_STEPS = 12_800
 
 def derive_defaults(cfg: Config) -> Config:
     """Fields left at 0 = "derived from the env" get their value, so the YAML a run writes holds
-    concrete numbers: replay.min_size_steps = max(12,800, one learner sample)."""
+    concrete numbers: replay.min_size_steps = max(12,800, one learner sample: segments_per_call
+    x unroll length)."""
     from crl.envs import ENV_SPECS
     if cfg.env.name not in ENV_SPECS or cfg.replay.min_size_steps != 0:
         return cfg
-    one_sample = cfg.learner.segments_per_call * cfg.segment_length
+    one_sample = cfg.learner.segments_per_call * cfg.unroll_length
     return override(cfg, {"replay.min_size_steps": max(DEFAULT_PREFILL_STEPS, one_sample)})
 
 
@@ -566,11 +567,16 @@ def _errors(cfg: Config) -> List[str]:
     if seg > r.capacity_steps:
         errs.append(f"replay.segment_length = {seg}: must be <= replay.capacity_steps = "
                     f"{r.capacity_steps}")
-    if l.segments_per_call * seg > r.min_size_steps:
+    # The prefill is counted in items of unroll_length new env steps (replay/server.py); one
+    # learner sample takes segments_per_call items.
+    unroll = cfg.unroll_length
+    one_sample = l.segments_per_call * unroll
+    if one_sample > r.min_size_steps:
         errs.append(f"replay.min_size_steps = {r.min_size_steps}: must hold at least one learner "
-                    f"sample (learner.segments_per_call x segment length = {supply} steps); set "
-                    f"replay.min_size_steps >= {supply} (or 0: derived from the env) or "
-                    f"learner.segments_per_call <= {max(1, r.min_size_steps // seg)}")
+                    f"sample (learner.segments_per_call x unroll length = {l.segments_per_call} x "
+                    f"{unroll} = {one_sample} steps); set replay.min_size_steps >= {one_sample} "
+                    f"(or 0: derived from the env) or learner.segments_per_call <= "
+                    f"{max(1, r.min_size_steps // unroll)}")
     return errs
 
 

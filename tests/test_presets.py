@@ -48,9 +48,14 @@ def test_paper_schedule(env):
     envs = cfg.env.num_envs * cfg.actor.num_actors
     assert envs == 512
     assert cfg.episode_length == cfg.segment_length == 1000
-    # 800 minibatches per 512 envs x 62 steps; prefill 1,000 and replay 10,000 steps per env.
+    # 800 minibatches per 512 envs x 62 steps, the policy refreshed every 62 steps; replay
+    # 10,000 steps per env; prefill: one window per env, so each env first steps the 1,000 of a
+    # window rounded up to whole unrolls (items count unroll_length new steps: replay/server.py).
+    import math
+    assert cfg.actor.unroll_length == 62
     assert cfg.replay.utd * 512 * 62 == pytest.approx(800)
-    assert cfg.replay.min_size_steps == 1000 * envs
+    assert cfg.replay.min_size_steps == envs * cfg.unroll_length
+    assert 1000 <= math.ceil(1000 / 62) * 62 < 1000 + 62
     assert cfg.replay.capacity_steps == 10_000 * envs
     assert cfg.learner.minibatches_per_call == 800 and cfg.learner.segments_per_call == envs
     assert cfg.eval.num_envs == 128
