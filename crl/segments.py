@@ -17,19 +17,11 @@ unroll cells of its env and is stored as [k, U, ...]; `window_of` turns a sample
 """
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
 FIELDS = ("state", "action", "episode_id", "truncation", "params_version")
-
-
-class Segment(NamedTuple):
-    state: np.ndarray
-    action: np.ndarray
-    episode_id: np.ndarray
-    truncation: np.ndarray
-    params_version: np.ndarray
 
 
 def cells_per_window(length: int, unroll_length: int) -> int:
