@@ -64,7 +64,7 @@ class ReplayConfig:
     min_size_steps: int = 0
     segment_length: int = 0             # steps per item; 0 = episode length
     utd: float = 0.05                   # gradient steps per env step, held by the rate limiter
-    utd_tolerance: float = 0.1          # rate-limiter slack as a fraction of the prefill, capped at one actor write and at least one learner call
+    utd_tolerance: float = 0.1          # rate-limiter slack as a fraction of the prefill, capped at one actor write (>= 1: uncapped, the limiter opened), at least one learner call
     checkpoint_dir: str = ""            # "" = <run_dir>/replay_checkpoints
     checkpoint_interval_s: float = 300.0   # seconds between replay checkpoints
 

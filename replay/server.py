@@ -21,7 +21,8 @@ inserts block when diff would exceed the top, samples block when it would fall b
                                             #   one sample always fit (no lock-step)
             segments_per_call,              # one learner call's samples can be served from slack
             min(utd_tolerance * spi * M,    # the tolerance term, capped at one actor write
-                spi * num_envs))            #   (num_envs items): see below
+                spi * num_envs))            #   (num_envs items): see below; a tolerance >= 1
+                                            #   is not capped (opens the limiter: benchmarks)
 
 Why it holds the UTD: diff stays in a window of width 2B, so between any two instants
 |samples - spi * inserts| <= 2B, and the UTD measured over a window in which W items were
@@ -117,9 +118,10 @@ def rate_limiter_params(cfg) -> RateLimiterParams:
     unroll = cfg.unroll_length
     spi = float(cfg.samples_per_insert)
     min_items = max(1, math.ceil(cfg.replay.min_size_steps / unroll))
-    buffer = max(2.0 * max(1.0, spi),
-                 float(cfg.learner.segments_per_call),
-                 min(cfg.replay.utd_tolerance * spi * min_items, spi * cfg.env.num_envs))
+    tolerance = cfg.replay.utd_tolerance * spi * min_items
+    if cfg.replay.utd_tolerance < 1.0:   # >= 1: the caller opens the limiter on purpose
+        tolerance = min(tolerance, spi * cfg.env.num_envs)
+    buffer = max(2.0 * max(1.0, spi), float(cfg.learner.segments_per_call), tolerance)
     offset = spi * min_items
     return RateLimiterParams(spi, min_items, buffer, offset - buffer, offset + buffer)
 
