@@ -751,7 +751,7 @@ def resolve_config(manifest_yaml: str, args) -> Tuple[Any, List[str]]:
         if _get(data, field) != value:
             notes.append(f"{field}: {_get(data, field)!r} -> {value!r} (set by the manifests)")
             _set(data, field, value)
-    cfg = C.validate(C.from_dict(data))
+    cfg = C.validate(C.derive_defaults(C.from_dict(data)))
     return cfg, notes
 
 
