@@ -32,6 +32,7 @@ a reconnect the old stream may already have delivered some items, so duplicates 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import time
@@ -233,20 +234,27 @@ class SegmentWriter:
         w = self._ensure_writer()
         if self.streaming:
             return self._write_unroll(w, data)
-        try:
+        with self._connection_errors():
             for i in range(n):
                 w.append({k: data[k][i] for k in self.fields})
                 hist = w.history
                 w.create_item(self.table, self.priority, {k: hist[k][-1] for k in self.fields})
                 self.unconfirmed += 1
+        self.flush()
+        return n
+
+    @contextlib.contextmanager
+    def _connection_errors(self):
+        """A connection failure inside the block raises ReplayUnavailable (ReplayError and any
+        other error pass unchanged)."""
+        try:
+            yield
         except ReplayError:
             raise
         except Exception as e:
             if _unavailable(e):
                 raise ReplayUnavailable(f"replay server at {self.address}: {e}") from e
             raise
-        self.flush()
-        return n
 
     def _append_unroll(self, w, data: Dict[str, np.ndarray]) -> None:
         """Appends one unroll {field: [N, U, ...]}: one cell per env and field."""
@@ -269,7 +277,7 @@ class SegmentWriter:
             raise ValueError(f"stream mode: {n} envs in this write, "
                              f"{self._hist[0][self.fields[0]].shape[0]} before (one stream per env)")
         items = 0
-        try:
+        with self._connection_errors():
             if self.stream_steps == 0:
                 for old in self._hist:     # a fresh stream: prime it with the last k unrolls
                     self._append_unroll(w, old)
@@ -282,12 +290,6 @@ class SegmentWriter:
                                  [list(self._refs[e * ncol + c]) for c in range(ncol)], squeeze)
                     self.unconfirmed += 1
                     items += 1
-        except ReplayError:
-            raise
-        except Exception as e:
-            if _unavailable(e):
-                raise ReplayUnavailable(f"replay server at {self.address}: {e}") from e
-            raise
         self.flush()
         return items
 
