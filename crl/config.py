@@ -373,6 +373,12 @@ def _leaf_values(cfg, prefix: str = ""):
             yield f"{prefix}{f.name}", v
 
 
+def local_roles(cfg: Config) -> List[str]:
+    """The role processes of `crl local`, in start order; role k serves its metrics on
+    service.metrics_port + k."""
+    return ["replay", "learner", "evaluator"] + [f"actor{i}" for i in range(cfg.actor.num_actors)]
+
+
 def _port_errors(cfg: Config) -> List[str]:
     """Two services of one `crl local` run on one port (metrics ports: metrics_port + k for
     replay, learner, evaluator and each actor), or metrics ports past 65535."""
@@ -382,7 +388,7 @@ def _port_errors(cfg: Config) -> List[str]:
         port = getattr(cfg.service, n).rpartition(":")[2]
         if port.isdigit():
             used.setdefault(int(port), f"service.{n}")
-    roles = ["replay", "learner", "evaluator"] + [f"actor{i}" for i in range(cfg.actor.num_actors)]
+    roles = local_roles(cfg)
     top = cfg.service.metrics_port + len(roles) - 1
     if 0 < cfg.service.metrics_port < 65536 and top >= 65536:
         errs.append(f"service.metrics_port = {cfg.service.metrics_port}: the {len(roles)} roles use "

@@ -21,7 +21,7 @@ import time
 from typing import Dict, List, Optional
 
 from crl import metrics as M
-from crl.config import Config, dump
+from crl.config import Config, dump, local_roles
 
 MAX_RESTARTS = 5
 STOP_TIMEOUT_S = 60.0
@@ -131,7 +131,7 @@ def ports_in_use(cfg: Config) -> List[str]:
              int(cfg.service.replay_address.rpartition(":")[2]),
              f"service.params_address = {cfg.service.params_address}":
              int(cfg.service.params_address.rpartition(":")[2])}
-    for k in range(3 + cfg.actor.num_actors):
+    for k, _ in enumerate(local_roles(cfg)):
         ports[f"service.metrics_port + {k} = {cfg.service.metrics_port + k}"] = \
             cfg.service.metrics_port + k
     busy = []

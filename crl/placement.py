@@ -22,6 +22,8 @@ import os
 import subprocess
 from typing import Dict, List, Optional, Sequence
 
+from crl.config import local_roles
+
 ROLLOUT_MEMORY = 0.9      # fraction of a GPU the rollout processes on it share, when alone
 HEADROOM = 0.05           # what sharing leaves unallocated on a learner's GPU (CUDA contexts)
 MIN_SHARED = 0.1          # the least the rollouts may share beside a learner
@@ -66,9 +68,10 @@ def plan(cfg, gpu_ids: Sequence[str]) -> Dict[str, Env]:
     config asks for more than there is or for a split that cannot work."""
     g = cfg.gpus
     count = len(gpu_ids) if g.count < 0 else g.count
-    rollouts = ["evaluator"] + [f"actor{i}" for i in range(cfg.actor.num_actors)]
+    roles = local_roles(cfg)
+    rollouts = roles[2:]                  # after replay and the learner: evaluator, actors
     if count == 0:
-        return {name: _cpu() for name in ["replay", "learner"] + rollouts}
+        return {name: _cpu() for name in roles}
     if count > len(gpu_ids):
         raise PlacementError(f"gpus.count = {g.count}: this machine has {len(gpu_ids)} usable GPU(s)"
                              f" ({','.join(gpu_ids) or 'none'}); lower gpus.count (-1 = all of "
