@@ -35,6 +35,7 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # 2. The project itself, installed (not editable): the runtime stage copies only the venv.
 COPY README.md ./
+COPY app ./app
 COPY crl ./crl
 COPY actors ./actors
 COPY learner ./learner

@@ -53,9 +53,9 @@ def _children_roles(pid: int) -> Dict[str, int]:
             argv = open(f"/proc/{k}/cmdline").read().split("\0")
         except OSError:
             continue
-        if "crl.cli" not in argv:
+        if "app.cli" not in argv:
             continue
-        role = argv[argv.index("crl.cli") + 1]
+        role = argv[argv.index("app.cli") + 1]
         if role == "actor" and "--actor-id" in argv:
             role = f"actor{argv[argv.index('--actor-id') + 1]}"
         out[role] = int(k)
@@ -63,7 +63,7 @@ def _children_roles(pid: int) -> Dict[str, int]:
 
 
 def run_driver(cfg_path: str, run_dir: str, steps: int, log_path: str, timeout_s: float) -> Dict:
-    proc = common.spawn(["-m", "crl.cli", "train", "--config", cfg_path, "--num-evals", 10,
+    proc = common.spawn(["-m", "app.cli", "train", "--config", cfg_path, "--num-evals", 10,
                          "--learner.total_env_steps", steps, "--run.run_dir", run_dir], log_path)
     try:
         proc.wait(timeout=timeout_s)
@@ -90,7 +90,7 @@ def run_local(cfg, cfg_path: str, log_path: str, window: float, settle: float,
     ports = {"replay": base, "learner": base + 1, "evaluator": base + 2,
              **{a: base + 3 + i for i, a in enumerate(actors)}}
     t_launch = time.monotonic()
-    proc = common.spawn(["-m", "crl.cli", "local", "--config", cfg_path], log_path)
+    proc = common.spawn(["-m", "app.cli", "local", "--config", cfg_path], log_path)
 
     def snapshot():
         snap = {"t": time.perf_counter(), "roles": _children_roles(proc.pid)}

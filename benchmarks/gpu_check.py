@@ -20,7 +20,7 @@
    30, positives 0.01 apart, duplicated goals (negatives as close as the positive).
 4. Optional (--local-minutes N): `crl local` on ant with the paper's schedule scaled to one
    machine (1 actor process) for N minutes; env steps/s, SGD steps/s and UTD from the roles'
-   /metrics (as crl/launcher.py scrapes them), over the window after training starts.
+   /metrics (as app/launcher.py scrapes them), over the window after training starts.
 
 Each figure is printed and recorded with benchmarks.common.record (results/benchmarks.jsonl by
 default; --out elsewhere). Exit status 1 if the pmap or precision check fails.
@@ -202,7 +202,7 @@ def local_run(minutes: float, tiny: bool, workdir: str) -> Dict:
              "--network.actor.width", "32", "--network.critic.width", "32",
              "--network.actor.depth", "4", "--network.critic.depth", "4", "--eval.num_envs", "8"]
             if tiny else ["--env.num_envs", "512", "--eval.num_envs", "128"])
-    args = ["-m", "crl.cli", "local", "--config", "presets/paper/ant_big_maze.yaml",
+    args = ["-m", "app.cli", "local", "--config", "presets/paper/ant_big_maze.yaml",
             "--env.name", "ant", "--eval.goal_set", "train", "--actors", "1",
             "--run.run_dir", os.path.join(workdir, "run"),
             "--learner.total_env_steps", str(10**12), *size,

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
                            "learner.total_env_steps": 10**9})
     cfg = C.load(a.preset, over)
     U = cfg.unroll_length
-    args = [sys.executable, "-m", "crl.cli", "local", "--config", a.preset,
+    args = [sys.executable, "-m", "app.cli", "local", "--config", a.preset,
             *[f"--{k}={v}" for k, v in over.items()]]
     log = open(os.path.join(work, "local.out"), "w")
     proc = subprocess.Popen(args, cwd=common.REPO, stdout=log, stderr=subprocess.STDOUT,

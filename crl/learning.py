@@ -238,15 +238,18 @@ def params_of(state: TrainState) -> Dict[str, Any]:
 
 
 # Published beside the params of every version (subset "progress"): where on the paper's axes
-# that version stands, so an evaluator anywhere can place its result at the version's env steps.
+# that version stands, so an evaluator anywhere can place its result at the version's env steps;
+# and whether it is the run's final version (the budget was reached: followers finish and exit).
 PROGRESS_KEY = "progress"
 
 
-def progress_of(env_steps: int, sgd_steps: int) -> Dict[str, Any]:
-    """{"env_steps", "sgd_steps"} as int64 scalars (host arrays: never on the device)."""
+def progress_of(env_steps: int, sgd_steps: int, finished: bool = False) -> Dict[str, Any]:
+    """{"env_steps", "sgd_steps", "finished" (0/1)} as int64 scalars (host arrays: never on the
+    device)."""
     import numpy as np
     return {"env_steps": np.asarray(env_steps, np.int64),
-            "sgd_steps": np.asarray(sgd_steps, np.int64)}
+            "sgd_steps": np.asarray(sgd_steps, np.int64),
+            "finished": np.asarray(int(bool(finished)), np.int64)}
 
 
 def progress_template() -> Dict[str, Any]:

@@ -29,10 +29,10 @@ def record_result(name: str, row: dict, tmp_dir: Path) -> Path:
 
 
 def start_role(args, log_path) -> subprocess.Popen:
-    """`python -m crl.cli ARGS` with output to log_path; stop it with stop_process."""
+    """`python -m app.cli ARGS` with output to log_path; stop it with stop_process."""
     log = open(log_path, "ab")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "crl.cli", *map(str, args)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *map(str, args)], cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 

@@ -19,24 +19,24 @@ import k8s_testlib as T  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(*args, env=None, input=None, module="crl.cli"):
+def run(*args, env=None, input=None, module="app.cli"):
     base = dict(os.environ)
     base.pop("KUBECONFIG", None)
     base.update(env or {})
-    pre = ["cluster"] if module == "crl.cli" else []
+    pre = ["cluster"] if module == "app.cli" else []
     return subprocess.run([sys.executable, "-m", module, *pre, *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120, env=base, input=input)
 
 
 def test_import_is_cheap_and_listed_in_help():
-    code = ("import sys, crl.cluster\n"
+    code = ("import sys, app.cluster\n"
             "heavy = [m for m in ('kubernetes', 'grpc', 'jax', 'tensorflow', 'yaml', 'reverb') "
             "if m in sys.modules]\n"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
-    proc = subprocess.run([sys.executable, "-m", "crl.cli", "--help"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "--help"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert "cluster" in proc.stdout
     proc = run("--help")
@@ -150,7 +150,7 @@ def test_apply_errors(manifests, tmp_path):
     assert proc.returncode == 2 and "a run name is a DNS label" in proc.stderr
     # From another directory (what `crl sweep --backend k8s`'s apply.sh does), the checkout's
     # cpu overlay is the default.
-    proc = subprocess.run([sys.executable, "-m", "crl.cli", "cluster", "apply", "--name", "s1",
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "cluster", "apply", "--name", "s1",
                            "--dry-run", "--kubectl", str(T.tools.kubectl())], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -163,7 +163,7 @@ def test_params_probe_against_a_real_parameter_service(tmp_path):
     server = ParameterServer("127.0.0.1:0").start()
     addr = f"127.0.0.1:{server.port}"
     try:
-        probe = lambda *a: run("probe", "--params", addr, *a, module="crl.cluster")  # noqa: E731
+        probe = lambda *a: run("probe", "--params", addr, *a, module="app.cluster")  # noqa: E731
         alive, ready = probe(), probe("--ready")
         assert alive.returncode == 0, alive.stdout + alive.stderr
         assert "serving=True ready=False version=-1" in alive.stdout
@@ -174,18 +174,18 @@ def test_params_probe_against_a_real_parameter_service(tmp_path):
         # --config: the port of service.params_address on 127.0.0.1 (what the pod runs).
         cfg = tmp_path / "crl.yaml"
         cfg.write_text(yaml.safe_dump({"service": {"params_address": f"params:{server.port}"}}))
-        by_config = run("probe", "--config", cfg, "--ready", module="crl.cluster")
+        by_config = run("probe", "--config", cfg, "--ready", module="app.cluster")
         assert by_config.returncode == 0, by_config.stdout + by_config.stderr
         assert f"params 127.0.0.1:{server.port}: serving=True ready=True" in by_config.stdout
     finally:
         server.stop()
-    gone = run("probe", "--params", addr, module="crl.cluster")
+    gone = run("probe", "--params", addr, module="app.cluster")
     assert gone.returncode == 1 and "UNAVAILABLE" in gone.stderr
-    assert run("probe", module="crl.cluster").returncode == 2
+    assert run("probe", module="app.cluster").returncode == 2
 
 
 def _write_cert(directory: Path, names, stem):
-    from crl.cluster import self_signed_certificate
+    from app.cluster import self_signed_certificate
     cert, key = self_signed_certificate(list(names), days=1)
     (directory / f"{stem}.crt").write_bytes(cert)
     (directory / f"{stem}.key").write_bytes(key)
@@ -198,7 +198,7 @@ def test_params_probe_over_tls_needs_the_ca_but_no_token(tmp_path):
     but not for Health."""
     from prometheus_client import CollectorRegistry
 
-    from crl.cluster import certificate_names
+    from app.cluster import certificate_names
     from params import ParameterServer
     cert, key = _write_cert(tmp_path, certificate_names("crl"), "tls")
     other, _ = _write_cert(tmp_path, ["params"], "other")
@@ -215,7 +215,7 @@ def test_params_probe_over_tls_needs_the_ca_but_no_token(tmp_path):
         if name:
             svc["tls_server_name"] = name
         cfg.write_text(yaml.safe_dump({"service": svc}))
-        return run("probe", "--config", cfg, *extra, module="crl.cluster")
+        return run("probe", "--config", cfg, *extra, module="app.cluster")
     try:
         server.publish({"actor": {"w": np.ones((2, 3), np.float32)}}, version=4)
         ok = probe(cert, "--ready")
@@ -225,7 +225,7 @@ def test_params_probe_over_tls_needs_the_ca_but_no_token(tmp_path):
         for bad in (probe(other), probe(cert, name="elsewhere")):
             assert bad.returncode == 1 and "UNAVAILABLE" in bad.stderr, bad.stdout + bad.stderr
         # A plaintext probe of the TLS port fails too.
-        plain = run("probe", "--params", f"127.0.0.1:{server.port}", module="crl.cluster")
+        plain = run("probe", "--params", f"127.0.0.1:{server.port}", module="app.cluster")
         assert plain.returncode == 1 and "UNAVAILABLE" in plain.stderr
         # A missing CA file: exit 2, naming the file.
         missing = probe(tmp_path / "no-ca.crt")

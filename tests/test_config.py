@@ -108,7 +108,7 @@ def test_crl_local_with_a_bad_config_starts_nothing(tmp_path):
     import sys
     from helpers import REPO
     run_dir = tmp_path / "run"
-    out = subprocess.run([sys.executable, "-m", "crl.cli", "local", "--run.run_dir", str(run_dir),
+    out = subprocess.run([sys.executable, "-m", "app.cli", "local", "--run.run_dir", str(run_dir),
                           "--replay.utd", "-1", "--service.tls_cert", "x.crt"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
@@ -118,7 +118,7 @@ def test_crl_local_with_a_bad_config_starts_nothing(tmp_path):
 
 
 def test_advice_names_an_over_fetching_learner_and_stays_quiet_otherwise():
-    from crl.cli import describe
+    from app.cli import describe
     wasteful = C.load(overrides={"env.name": "humanoid", "replay.min_size_steps": 64_000})
     (line,) = C.advice(wasteful)         # 32 x 1000 sampled for 8 x 256 used
     assert "32 x 1000 = 32,000" in line and "8 x 256 = 2,048" in line and "15.6x" in line
@@ -137,7 +137,7 @@ def test_crl_config_stdout_is_exactly_the_yaml_it_reads_back(tmp_path):
     import sys
     import yaml
     from helpers import REPO
-    proc = subprocess.run([sys.executable, "-m", "crl.cli", "config", "--network.critic.depth",
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "config", "--network.critic.depth",
                            "8", "--env.num_envs", "32"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -154,10 +154,10 @@ def test_cli_help_describes_fields_and_refuses_abbreviated_or_unknown_flags():
     import subprocess
     import sys
     from helpers import REPO
-    from crl.cli_help import field_descriptions
+    from app.cli_help import field_descriptions
     names = [n for n, _, _ in C.field_items()]
     assert set(names) <= set(field_descriptions()), set(names) - set(field_descriptions())
-    run = lambda *a: subprocess.run([sys.executable, "-m", "crl.cli", *a], cwd=REPO,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "app.cli", *a], cwd=REPO,  # noqa: E731
                                     capture_output=True, text=True, timeout=300)
     help_text = run("local", "--help").stdout
     assert "one of crl.envs.env_names()" in help_text and "(default: 'point_maze_u')" in help_text

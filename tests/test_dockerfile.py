@@ -65,7 +65,7 @@ def test_multi_stage_pinned_base_and_non_root_entrypoint():
     entry = [r for w, r in final if w == "ENTRYPOINT"]
     assert entry == ['["crl"]']
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["crl"] == "crl.cli:main"
+    assert scripts["crl"] == "app.cli:main"
     # The runtime stage gets the venv from the build stage and puts it on PATH.
     assert any(w == "COPY" and r.startswith("--from=build /opt/crl/venv") for w, r in final)
     assert any(w == "ENV" and "PATH=/opt/crl/venv/bin:" in r for w, r in final)

@@ -124,7 +124,7 @@ def test_fault_injection_hook_is_inert_unless_a_test_sets_it(tmp_path, monkeypat
 
 
 def test_launcher_tells_budget_exit_from_a_stray_sigterm(tmp_path):
-    from crl.launcher import _learner_finished
+    from app.launcher import _learner_finished
     final = tmp_path / "learner_final.json"
     final.write_text(json.dumps({"stopped_by": "signal"}))
     assert not _learner_finished(str(tmp_path))      # restart it: someone stopped it by hand

@@ -160,7 +160,7 @@ class LocalRun:
     def start(self):
         args = [f"--{k}={v}" for k, v in self.overrides.items()]
         self.out = open(self.tmp / "local.out", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "crl.cli", "local", "--actors", "2",
+        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "local", "--actors", "2",
                                       *args], cwd=REPO, env=self.env, stdout=self.out,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -168,7 +168,7 @@ class LocalRun:
         """`crl actor` outside the launcher (a replica added by hand), with the same Secret."""
         self.extra_log = open(self.tmp / "extra_actor.log", "w")
         return subprocess.Popen(
-            [sys.executable, "-m", "crl.cli", "actor", "--config", str(self.run_dir / "config.yaml"),
+            [sys.executable, "-m", "app.cli", "actor", "--config", str(self.run_dir / "config.yaml"),
              "--actor-id", "7", "--metrics-port", str(self.ports["extra"])], cwd=REPO,
             env=self.env, stdout=self.extra_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 

@@ -37,7 +37,7 @@ def crl(server, *args, input=None, kubeconfig=True):
     env = dict(os.environ)
     if kubeconfig:
         env["KUBECONFIG"] = str(server.kubeconfig)
-    return subprocess.run([sys.executable, "-m", "crl.cli", "cluster", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "app.cli", "cluster", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=180, env=env, input=input)
 
 
@@ -80,7 +80,7 @@ def test_create_secrets_before_the_first_apply(server, tmp_path):
     """The documented first step: `crl cluster create-secrets` (namespace created on request),
     then the overlay applies (test_apply_is_accepted_and_idempotent)."""
     from cryptography.hazmat.primitives import serialization
-    from crl.cluster import self_signed_certificate
+    from app.cluster import self_signed_certificate
     from params import check_token
     proc = crl(server, "create-secrets")
     assert proc.returncode == 2, proc.stdout + proc.stderr

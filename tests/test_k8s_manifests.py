@@ -79,7 +79,7 @@ def _container_port(container, ref):
 
 
 def _opened_ports(role: str, cfg: C.Config) -> set:
-    """Ports the role's process listens on, per the config (crl/launcher.py, the roles)."""
+    """Ports the role's process listens on, per the config (app/launcher.py, the roles)."""
     ports = {cfg.service.metrics_port}
     if role == "replay":
         ports.add(_port(cfg.service.replay_address))
@@ -196,7 +196,7 @@ def test_selectors_services_and_probes(rendered, name):
                     # calls the port of service.params_address (test_monitoring_live runs it).
                     cmd = probe["exec"]["command"]
                     assert role == "learner"
-                    assert cmd[:4] == ["python", "-m", "crl.cluster", "probe"], cmd
+                    assert cmd[:4] == ["python", "-m", "app.cluster", "probe"], cmd
                     assert cmd[cmd.index("--config") + 1] == \
                         c["args"][c["args"].index("--config") + 1]
                     assert "--params" not in cmd
@@ -376,7 +376,7 @@ def test_one_line_overlay_changes(tmp_path):
 
 def test_overlay_configs_keep_the_pinned_fields():
     """Each overlay carries its own crl.yaml; the fields the manifests depend on stay equal."""
-    from crl.cluster import PINNED_FIELDS
+    from app.cluster import PINNED_FIELDS
     base = C.to_dict(C.load(str(T.K8S / "base" / "crl.yaml")))
     for name in ("cpu", "gpu"):
         cfg = C.to_dict(C.load(str(T.KUSTOMIZATIONS[name] / "crl.yaml")))
@@ -395,7 +395,7 @@ def test_overlay_configs_keep_the_pinned_fields():
 def _secret_files(spec, container) -> dict:
     """{path in the container: (Secret, key)} of every Secret the container mounts (secret and
     projected volumes; without `items`, the keys `crl cluster create-secrets` writes)."""
-    from crl.cluster import SECRET_KEYS
+    from app.cluster import SECRET_KEYS
     vols = {v["name"]: v for v in spec.get("volumes", [])}
     out = {}
     for m in container.get("volumeMounts", []):
@@ -418,7 +418,7 @@ def _secret_files(spec, container) -> dict:
 
 @pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
 def test_params_tls_and_token_are_on_and_each_pod_mounts_only_what_it_reads(rendered, name):
-    from crl.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names
+    from app.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names
     _, objs = rendered[name]
     s = C.validate(_crl_config(objs)).service
     assert s.require_token is True
@@ -453,7 +453,7 @@ def test_each_role_loads_its_security_from_its_pod_and_only_token_holders_get_pa
     import grpc
     from prometheus_client import CollectorRegistry
 
-    from crl.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names, self_signed_certificate
+    from app.cluster import TLS_SECRET, TOKEN_SECRET, certificate_names, self_signed_certificate
     from params import ParameterClient, ParameterServer, security_from_config
 
     _, objs = rendered["cpu"]
@@ -513,7 +513,7 @@ def test_each_role_loads_its_security_from_its_pod_and_only_token_holders_get_pa
         # The learner's probe command, with its pod's config (TLS, name of params_address).
         cfg_file = tmp_path / "learner.yaml"
         cfg_file.write_text(C.dumps(learner_cfg))
-        proc = sp.run([sys.executable, "-m", "crl.cluster", "probe", "--config", str(cfg_file),
+        proc = sp.run([sys.executable, "-m", "app.cluster", "probe", "--config", str(cfg_file),
                        "--params", addr, "--ready"], cwd=T.REPO, capture_output=True, text=True,
                       timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -38,7 +38,7 @@ def _local(run_dir, base, log_path, *more):
             "--network.actor.width", 32, "--network.critic.width", 32, "--env.num_envs", 8,
             "--replay.min_size_steps", 3200, "--learner.total_env_steps", 10**9]
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "crl.cli", "local", *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "local", *map(str, args)],
                             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1"))

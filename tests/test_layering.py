@@ -9,11 +9,9 @@ from pathlib import Path
 from helpers import REPO
 
 # The algorithm core and the small utilities every layer shares.
-CORE = ["crl/config.py", "crl/envs", "crl/networks.py", "crl/relabel.py", "crl/learning.py",
-        "crl/rollout.py", "crl/driver.py", "crl/segments.py", "crl/tensorboard.py",
-        "crl/placement.py", "crl/backend.py", "crl/localhost.py", "crl/metrics.py"]
+CORE = ["crl"]
 ROLES = {"actors": "actors", "learner": "learner", "evaluator": "evaluator", "replay": "replay"}
-APP = ("crl.cli", "crl.cli_help", "crl.launcher", "crl.cluster", "crl.research")
+APP = ("app",)
 SERVICES = ("params", "protos", "reverb", "grpc", "kubernetes", "tensorflow")
 
 

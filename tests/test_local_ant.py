@@ -8,7 +8,7 @@ from helpers import free_port_block
 
 def test_crl_local_on_ant(tmp_path):
     base = free_port_block(8)
-    cmd = [sys.executable, "-m", "crl.cli", "local", "--actors", "1", "--run.run_dir", tmp_path,
+    cmd = [sys.executable, "-m", "app.cli", "local", "--actors", "1", "--run.run_dir", tmp_path,
            "--env.name", "ant", "--env.episode_length", "200", "--env.num_envs", "8",
            "--learner.total_env_steps", "9600", "--replay.min_size_steps", "1600",
            "--learner.segments_per_call", "8", "--learner.minibatches_per_call", "4",

@@ -14,7 +14,7 @@ from helpers import free_port_block
 def local_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("local")
     base = free_port_block(8)
-    cmd = [sys.executable, "-m", "crl.cli", "local", "--actors", "2",
+    cmd = [sys.executable, "-m", "app.cli", "local", "--actors", "2",
            "--run.run_dir", str(run_dir),
            "--service.replay_address", f"127.0.0.1:{base}",
            "--service.params_address", f"127.0.0.1:{base + 1}",

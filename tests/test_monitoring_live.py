@@ -26,7 +26,7 @@ import k8s_testlib as T  # noqa: E402
 from helpers import free_port_block  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROLE_OFFSETS = {"replay": 0, "learner": 1, "evaluator": 2, "actor": 3}   # crl/launcher.py
+ROLE_OFFSETS = {"replay": 0, "learner": 1, "evaluator": 2, "actor": 3}   # app/launcher.py
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def live(tmp_path_factory):
     # TLS and a token on the ParameterService, as in the k8s overlays: a certificate as `crl
     # cluster create-secrets` makes it (naming `params`, which the roles check while dialing
     # 127.0.0.1), so the learner's probe below runs over TLS as in the pod.
-    from crl.cluster import certificate_names, self_signed_certificate
+    from app.cluster import certificate_names, self_signed_certificate
     cert, key = self_signed_certificate(certificate_names("crl"), days=1)
     sec = d / "secrets"
     sec.mkdir()
@@ -47,7 +47,7 @@ def live(tmp_path_factory):
     (sec / "ca.crt").write_bytes(cert)
     (sec / "tls.key").write_bytes(key)
     (sec / "token").write_text(__import__("secrets").token_urlsafe(32) + "\n")
-    cmd = [sys.executable, "-m", "crl.cli", "local", "--actors", "1",
+    cmd = [sys.executable, "-m", "app.cli", "local", "--actors", "1",
            "--run.run_dir", str(d / "run"),
            "--service.tls_cert", str(sec / "tls.crt"), "--service.tls_key", str(sec / "tls.key"),
            "--service.tls_ca", str(sec / "ca.crt"), "--service.tls_server_name", "params",
@@ -216,7 +216,7 @@ def test_probes_of_the_manifests_succeed_against_the_running_roles(live):
 
 
 def test_cluster_status_reads_the_metrics_from_prometheus(live):
-    from crl.cluster import format_status, read_metrics
+    from app.cluster import format_status, read_metrics
     metrics, source = read_metrics(None, [], live["prom"].url)
     assert source and "error" not in metrics, metrics
     assert metrics["params_version"] >= 1 and metrics["sgd_steps"] > 0

@@ -43,7 +43,7 @@ def paper_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("paper_schedule")
     base = free_port_block(8)
     address = f"127.0.0.1:{base}"
-    cmd = [sys.executable, "-m", "crl.cli", "local", "--actors", str(ACTORS),
+    cmd = [sys.executable, "-m", "app.cli", "local", "--actors", str(ACTORS),
            "--run.run_dir", str(run_dir), "--service.replay_address", address,
            "--service.params_address", f"127.0.0.1:{base + 1}",
            "--service.metrics_port", str(base + 2),

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crl import cli
+from app import cli
 from crl import config as C
-from crl.research import critic_map as CM
-from crl.research import report as RP
-from crl.research import runs as R
-from crl.research import sweep as SW
+from app.research import critic_map as CM
+from app.research import report as RP
+from app.research import runs as R
+from app.research import sweep as SW
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"env.name": "point_maze_u", "network.actor.width": 16, "network.critic.width": 16,
@@ -30,7 +30,7 @@ def run_cli(argv):
 
 # ------------------------------------------------------------------------------ cheap imports
 def test_tool_modules_are_cheap_to_import_and_registered():
-    code = ("import sys, crl.cli as c; p = c.build_parser(); "
+    code = ("import sys, app.cli as c; p = c.build_parser(); "
             "mods = [m for m in ('jax', 'PIL', 'matplotlib', 'brax', 'flax') if m in sys.modules]; "
             "print(','.join(mods)); "
             "print(','.join(sorted(c._tool_modules())))")

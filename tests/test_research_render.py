@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crl import cli
+from app import cli
 from crl import config as C
-from crl.research import critic_map as CM
-from crl.research import runs as R
+from app.research import critic_map as CM
+from app.research import runs as R
 
 
 @pytest.fixture(scope="session")

@@ -199,7 +199,7 @@ def test_server_and_client_from_config(certs, tmp_path):
 def test_launcher_refuses_a_missing_secret_before_starting_anything(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run(
-        [sys.executable, "-m", "crl.cli", "local", "--run.run_dir", str(run_dir),
+        [sys.executable, "-m", "app.cli", "local", "--run.run_dir", str(run_dir),
          "--service.tls_cert", str(tmp_path / "missing.crt"),
          "--service.tls_key", str(tmp_path / "missing.key")],
         cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -136,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="leave out the run's own Prometheus and Grafana")
     p.add_argument("--dry-run", action="store_true",
                    help="print the objects that would be applied; contact no cluster")
-    from crl.cli import add_config_options   # --config FILE and one --section.field per field
+    from app.cli import add_config_options   # --config FILE and one --section.field per field
     add_config_options(p)
 
     p = sub.add_parser("logs", parents=[common], help="logs of the pods of one role")
@@ -1155,7 +1155,7 @@ def _token_material(args) -> Tuple[bytes, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# probe (inside the pods: `python -m crl.cluster probe --params 127.0.0.1:18001 [--ready]`)
+# probe (inside the pods: `python -m app.cluster probe --params 127.0.0.1:18001 [--ready]`)
 
 def probe(args) -> int:
     """Health RPC of the ParameterService: exit 0 if serving (and, with --ready, a version is
@@ -1202,7 +1202,7 @@ def probe(args) -> int:
 
 
 def _standalone(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crl.cluster", description=HELP)
+    parser = argparse.ArgumentParser(prog="python -m app.cluster", description=HELP)
     add_arguments(parser)
     args = parser.parse_args(argv)
     from crl import config as C

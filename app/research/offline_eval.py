@@ -22,7 +22,7 @@ def evaluate_checkpoint(spec: str, episodes: int = 0, seed: int = 0) -> Dict[str
     import jax
     from crl.envs import has_eval_goal_set, make_env
     from crl.networks import CRLNetworks
-    from crl.research.critic_map import resolve_sources
+    from app.research.critic_map import resolve_sources
     from crl.rollout import Unroller
     sources = resolve_sources([spec])
     if len(sources) != 1:

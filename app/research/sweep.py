@@ -36,7 +36,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from crl import config as C
-from crl.research import runs as R
+from app.research import runs as R
 
 HELP = ("run a grid of training runs (env x depth x width x batch size x seed) locally, or write "
         "one config per point for Kubernetes; collects every run's evaluation history")
@@ -202,7 +202,7 @@ def run_point(run_dir: str, num_evals: int, log_file=None) -> Dict[str, Any]:
 
 
 def _worker_argv(run_dir: str, num_evals: int) -> List[str]:
-    return [sys.executable, "-m", "crl.research.sweep", "--worker", run_dir,
+    return [sys.executable, "-m", "app.research.sweep", "--worker", run_dir,
             "--num-evals", str(num_evals)]
 
 
@@ -428,7 +428,7 @@ def main(args) -> int:
 
 
 def _worker_main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m crl.research.sweep")
+    parser = argparse.ArgumentParser(prog="python -m app.research.sweep")
     parser.add_argument("--worker", required=True, metavar="RUN_DIR")
     parser.add_argument("--num-evals", type=int, default=10)
     a = parser.parse_args(argv)

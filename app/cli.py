@@ -15,7 +15,7 @@ import typing
 from typing import List, Optional
 
 from crl import config as C
-from crl.cli_help import Parser, field_descriptions
+from app.cli_help import Parser, field_descriptions
 
 SUBCOMMANDS = {
     "config": "print the resolved config and the parameter count of each network (a dry run)",
@@ -32,11 +32,11 @@ SUBCOMMANDS = {
 # and main(args) -> int, and stay cheap to import (no JAX/TF at import time): `crl --help`
 # imports them all.
 TOOL_COMMANDS = {
-    "cluster": "crl.cluster",
-    "sweep": "crl.research.sweep",
-    "report": "crl.research.report",
-    "critic-map": "crl.research.critic_map",
-    "render": "crl.research.render",
+    "cluster": "app.cluster",
+    "sweep": "app.research.sweep",
+    "report": "app.research.report",
+    "critic-map": "app.research.critic_map",
+    "render": "app.research.render",
 }
 
 
@@ -165,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"crl {args.command}: {e}", file=sys.stderr)
             return 2
     if args.command == "evaluate" and args.checkpoint:
-        from crl.research import offline_eval
+        from app.research import offline_eval
         try:
             return offline_eval.main(args.checkpoint, args.episodes, args.__dict__.get(
                 "cfg:run.seed") or 0, args.out)
@@ -209,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _role_entry(command: str):
     if command == "local":
-        from crl.launcher import main as entry
+        from app.launcher import main as entry
     elif command == "replay":
         entry = _replay_main
     elif command == "learner":

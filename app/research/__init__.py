@@ -2,5 +2,5 @@
 `crl critic-map`, `crl render`).
 
 Every module here is cheap to import (no JAX, no plotting at import time): `crl --help` imports
-them all. Plots are drawn with Pillow (a dependency of Brax) by crl.research.plot.
+them all. Plots are drawn with Pillow (a dependency of Brax) by app.research.plot.
 """

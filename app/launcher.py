@@ -1,6 +1,6 @@
 """`crl local`: every role as its own process on this machine, from one config.
 
-replay -> learner -> evaluator -> actors, each `python -m crl.cli ROLE --config <run_dir>/config.yaml`
+replay -> learner -> evaluator -> actors, each `python -m app.cli ROLE --config <run_dir>/config.yaml`
 with its own /metrics port (service.metrics_port + k) and log file (<run_dir>/logs/ROLE.log).
 Shows a progress line read from the roles' metrics, restarts a child that crashed, and stops
 everything (SIGTERM, then SIGKILL after a bound) on Ctrl-C or when the learner reports the step
@@ -32,7 +32,7 @@ class Child:
     def __init__(self, name: str, role: str, extra: List[str], metrics_port: int, cfg_path: str,
                  log_dir: str):
         self.name, self.role, self.metrics_port = name, role, metrics_port
-        self.argv = [sys.executable, "-m", "crl.cli", role, "--config", cfg_path,
+        self.argv = [sys.executable, "-m", "app.cli", role, "--config", cfg_path,
                      "--metrics-port", str(metrics_port)] + extra
         self.log_path = os.path.join(log_dir, f"{name}.log")
         self.proc: Optional[subprocess.Popen] = None

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from crl import config as C
-from crl.research import runs as R
+from app.research import runs as R
 
 HELP = ("turn a sweep's runs into a time-at-goal table (mean of the last 5 evaluations ± standard "
         "error over seeds), depth/width/batch plots and learning curves (PNG + markdown)")
@@ -203,7 +203,7 @@ def critic_params(g: Group) -> Optional[int]:
 
 def make_figures(groups: List[Group], extra: List[str], out_dir: str) -> List[Tuple[str, str]]:
     """Writes the figures; returns [(markdown line, file or '')] describing each."""
-    from crl.research import plot
+    from app.research import plot
     notes: List[Tuple[str, str]] = []
     envs = sorted({g.get("env.name") for g in groups})
     for env in envs:

@@ -176,7 +176,7 @@ def maze_pictures(env, res: Dict[str, Any], out_dir: str, title: str) -> List[st
     """Top-down pictures of a maze env's episodes (point mass, ant or humanoid: x, y of the goal
     slice): trajectories.png / .svg, and episodes.gif, the episodes moving."""
     from crl.envs import mazes
-    from crl.research import plot
+    from app.research import plot
     frame = plot.MazeFrame(mazes.grid(env.maze), mazes.start_cell(env.maze), env.cell_size,
                            cell_px=80 if max(mazes.grid(env.maze).shape) <= 6 else 48)
     eps, moving = [], []
@@ -221,7 +221,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _params(args):
-    from crl.research.critic_map import _init_params, resolve_sources
+    from app.research.critic_map import _init_params, resolve_sources
     if args.run:
         src = resolve_sources([args.run])[0]
         return src.cfg, src.actor, src.critic, src.label

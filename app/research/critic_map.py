@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from crl import config as C
-from crl.research import runs as R
+from app.research import runs as R
 
 HELP = ("heatmap of the learned distance ||phi(s,a) - psi(g)|| over a maze for a goal (several "
         "runs/checkpoints side by side) and its rank correlation with the shortest-path and "
@@ -404,8 +404,8 @@ def _setting(r: Dict[str, Any]) -> Tuple:
 
 def write_outputs(results: List[Dict[str, Any]], out_dir: str, panels: Sequence[int],
                   title: str, columns: int = 0) -> None:
-    from crl.research import plot
-    from crl.research.report import mean_se
+    from app.research import plot
+    from app.research.report import mean_se
     os.makedirs(out_dir, exist_ok=True)
     pans = []
     for i in panels:
