@@ -3,8 +3,9 @@
 replay -> learner -> evaluator -> actors, each `python -m app.cli ROLE --config <run_dir>/config.yaml`
 with its own /metrics port (service.metrics_port + k) and log file (<run_dir>/logs/ROLE.log).
 Shows a progress line read from the roles' metrics, restarts a child that crashed, and stops
-everything (SIGTERM, then SIGKILL after a bound) on Ctrl-C or when the learner reports the step
-budget reached. Writes <run_dir>/summary.json with the last metrics of every role, exit codes,
+everything (SIGTERM, then SIGKILL after a bound) on Ctrl-C or when the run is over: the learner
+exited 0 at its step budget, or it marked the run finished (<run_dir>/finished.json) and every
+actor and the evaluator then finished by themselves (exit 0, not restarted). Writes <run_dir>/summary.json with the last metrics of every role, exit codes,
 restarts (with times) and how long each role took to stop after SIGTERM, and keeps
 <run_dir>/pids.json ({name: pid} of the running children) current for tools and fault tests.
 The ParameterService's TLS files and token are checked before anything starts.
@@ -42,6 +43,7 @@ class Child:
         self.stop_s: Optional[float] = None
         self.env: Dict[str, str] = {}      # its GPU placement (crl/placement.py)
         self.last_answer: Optional[float] = None   # monotonic time of its last /metrics answer
+        self.finished = False              # exited 0 after the run finished: not restarted
 
     @property
     def url(self) -> str:
@@ -189,6 +191,16 @@ def _learner_finished(run_dir: str) -> bool:
         return True
 
 
+def _run_finished(run_dir: str) -> Optional[Dict]:
+    """The learner's finished marker (written at the budget, after its final checkpoint and the
+    final params version with progress finished=1), or None while the run goes on."""
+    try:
+        with open(os.path.join(run_dir, "finished.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _get(m: Dict[str, float], name: str, default=float("nan")) -> float:
     return m.get(name, default)
 
@@ -233,6 +245,7 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
     actors = [Child(f"actor{i}", "actor", ["--actor-id", str(i)], base + 3 + i, cfg_path, log_dir)
               for i in range(cfg.actor.num_actors)]
     children = [replay, learner, evaluator] + actors
+    followers = [evaluator] + actors      # they follow the learner's params
     from crl import placement
     try:
         plan = placement.plan(cfg, placement.detect_gpus())
@@ -279,9 +292,24 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
             if rc == 0 and _learner_finished(run_dir):
                 print("[local] learner reached the step budget; stopping", file=out, flush=True)
                 break
+            # At the budget the learner publishes a final version marked finished: actors and
+            # the evaluator finish on their own (exit 0) and are not restarted; once all have,
+            # the run is over without waiting out the learner's grace period.
+            finished = _run_finished(run_dir) is not None
+            if finished and all(c.finished for c in followers):
+                print("[local] run finished: every actor and the evaluator exited 0; stopping",
+                      file=out, flush=True)
+                break
             for c in children:
                 rc = c.poll()
-                if rc is None:
+                if rc is None or c.finished:
+                    continue
+                if rc == 0 and finished and c in followers:
+                    c.finished = True
+                    c.exit_codes.append(rc)
+                    c.events.append({"t": round(time.monotonic() - t0, 3), "exit_code": rc,
+                                     "finished": True})
+                    print(f"[local] {c.name} finished (exit 0)", file=out, flush=True)
                     continue
                 c.exit_codes.append(rc)
                 c.events.append({"t": round(time.monotonic() - t0, 3), "exit_code": rc,
@@ -353,6 +381,8 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 if final.get(key) is not None:
                     lm[metric] = final[key]
         summary = {"metrics": scraped, "learner_final": final, "exit_codes": exits,
+                   "finished": _run_finished(run_dir),
+                   "finished_by_themselves": [c.name for c in followers if c.finished],
                    "restarts": {c.name: c.restarts for c in children},
                    "restart_events": {c.name: c.events for c in children},
                    "stop_s": {c.name: c.stop_s for c in children},
