@@ -225,15 +225,61 @@ def _nbytes(tree) -> int:
                    for x in jax.tree_util.tree_leaves(tree)))
 
 
+def cache_dir() -> Optional[str]:
+    """Where compiled analyses are kept between `crl config` calls ($CRL_MEMORY_CACHE, else
+    $XDG_CACHE_HOME/crl/memory or ~/.cache/crl/memory; CRL_MEMORY_CACHE=off: no cache)."""
+    import os
+    d = os.environ.get("CRL_MEMORY_CACHE")
+    if d == "off":
+        return None
+    return d or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                             "crl", "memory")
+
+
+def _cache_key(c: Config, state_dim: int, action_dim: int, goal_indices: Sequence[int]) -> str:
+    """Everything the compiled program depends on: the sections that shape the update (the
+    per-device config), the env's sizes, and the compiler (jax version, backend, device kind)."""
+    import hashlib
+    import json
+    import jax
+    dev = jax.devices()[0]
+    what = {s: dataclasses.asdict(getattr(c, s)) for s in ("network", "algo", "learner")}
+    what.update(segment_length=c.segment_length, env=c.env.name, state_dim=state_dim,
+                action_dim=action_dim, goal_indices=list(map(int, goal_indices)),
+                jax=jax.__version__, platform=dev.platform, device=dev.device_kind)
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def analyse(cfg: Config, state_dim: int, action_dim: int, goal_indices: Sequence[int],
             actor_depth: int, critic_depth: int, remat: Tuple[bool, bool]) -> Analysis:
-    """Compiles one device's update_many at these depths and remat and returns XLA's analysis."""
+    """Compiles one device's update_many at these depths and remat and returns XLA's analysis
+    (kept in cache_dir(): the same program is not compiled twice)."""
+    import json
+    import os
     c = _per_device_cfg(cfg, actor_depth, critic_depth, remat)
+    d = cache_dir()
+    path = d and os.path.join(d, _cache_key(c, state_dim, action_dim, goal_indices) + ".json")
+    if path:
+        try:
+            with open(path) as f:
+                return Analysis(**json.load(f))
+        except (OSError, ValueError, TypeError):
+            pass   # not there yet, or unreadable: compiled again
     learner, state, segments = _shapes(c, state_dim, action_dim, goal_indices)
     m = learner.update_many.lower(state, segments).compile().memory_analysis()
-    return Analysis(actor_depth, critic_depth, int(m.argument_size_in_bytes),
-                    int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
-                    int(m.alias_size_in_bytes))
+    a = Analysis(actor_depth, critic_depth, int(m.argument_size_in_bytes),
+                 int(m.output_size_in_bytes), int(m.temp_size_in_bytes),
+                 int(m.alias_size_in_bytes))
+    if path:
+        try:   # atomic: a reader never sees half a file
+            os.makedirs(d, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(dataclasses.asdict(a), f)
+            os.replace(tmp, path)
+        except OSError:
+            pass   # a read-only or full disk: the estimate is still printed
+    return a
 
 
 def exact_parts(cfg: Config, state_dim: int, action_dim: int, goal_indices: Sequence[int],
@@ -330,8 +376,8 @@ def print_report(cfg: Config, file) -> None:
     try:
         from crl.envs import make_env
         env = make_env(cfg.env.name)
-        print(f"estimating the learner's device memory (compiles the update; tens of seconds on "
-              f"a CPU) ...", file=file, flush=True)
+        print("estimating the learner's device memory (compiles the update, tens of seconds on "
+              f"a CPU, once per network shape: kept in {cache_dir()}) ...", file=file, flush=True)
         text, warns = report(cfg, env.state_dim, env.action_size, env.goal_indices)
     except Exception as e:   # noqa: BLE001 - the estimate is advice, never a failure
         print(f"learner memory estimate failed: {type(e).__name__}: {e}", file=file)

@@ -7,6 +7,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# crl config's memory estimate keeps its compiled analyses in a cache: not the user's, in tests.
+os.environ.setdefault("CRL_MEMORY_CACHE", __import__("tempfile").mkdtemp(prefix="crl-memory-"))
 
 
 # Test tiers (docs/design.md): every test module belongs to one, by what it starts.

@@ -108,3 +108,26 @@ def test_warning_fires_when_the_estimate_exceeds_the_target(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "remat off" in err and "11.00 GiB" in err and "4.00 GiB" in err
     assert "WARNING: the learner's estimated device memory 11.00 GiB (remat off) exceeds" in err
+
+
+def test_analyses_are_cached_per_program_and_reused_without_compiling(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRL_MEMORY_CACHE", str(tmp_path))
+    cfg = small_cfg(4)
+    first = M.analyse(cfg, S, A, GOAL, 4, 4, (False, False))
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_compile(*a):
+        raise AssertionError("compiled although the analysis is cached")
+    monkeypatch.setattr(M, "_shapes", no_compile)
+    assert M.analyse(cfg, S, A, GOAL, 4, 4, (False, False)) == first
+    # A run directory is not part of the program; a width, a remat or a batch is.
+    assert M.analyse(C.override(cfg, {"run.run_dir": str(tmp_path / "x")}), S, A, GOAL, 4, 4,
+                     (False, False)) == first
+    for other in ({"network.critic.width": 64}, {"algo.batch_size": 32}):
+        with pytest.raises(AssertionError, match="compiled"):
+            M.analyse(C.override(cfg, other), S, A, GOAL, 4, 4, (False, False))
+    with pytest.raises(AssertionError, match="compiled"):
+        M.analyse(cfg, S, A, GOAL, 4, 4, (True, True))
+    monkeypatch.setenv("CRL_MEMORY_CACHE", "off")
+    with pytest.raises(AssertionError, match="compiled"):
+        M.analyse(cfg, S, A, GOAL, 4, 4, (False, False))
