@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 # Dense tensor-core peak TFLOP/s per card: (TF32, BF16). Matched on jax's device_kind.
 PEAK_TFLOPS = {
