@@ -1,7 +1,8 @@
 """`crl cluster`: operate a CRL deployment on Kubernetes through the official `kubernetes` client.
 
-    crl cluster status [--prometheus-url URL] [--json]   roles, pods, params version, UTD, alerts
-    crl cluster scale-actors N                            replicas of deployment/actor
+    crl cluster status [--prometheus-url URL] [--json]   roles, pods, progress / finished, UTD, alerts
+    crl cluster scale-actors N                            parallelism of job/actor
+    crl cluster delete [--delete-volumes] [--yes]         remove a run (volumes kept unless asked)
     crl cluster apply --name RUN --config run.yaml [--section.field VALUE ...] [--dry-run]
     crl cluster logs ROLE [--tail N] [--follow] [--pod NAME] [--previous]
     crl cluster create-secrets [--cert F --key F [--ca F]] [--token-file F] [--if-missing]
@@ -32,12 +33,13 @@ import sys
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 HELP = ("operate a Kubernetes deployment: status, scale-actors N, apply a config as a run, "
-        "logs ROLE, create-secrets")
+        "logs ROLE, create-secrets, delete")
 
 DEFAULT_NAMESPACE = "crl"
 CONFIG_MAP = "crl-config"          # ConfigMap (name prefix; kustomize adds a hash) with crl.yaml
 CONFIG_KEY = "crl.yaml"
 PART_OF = "app.kubernetes.io/part-of=crl"
+RUN_LABEL = "app.kubernetes.io/instance"   # the run; Prometheus copies it to every series as crl_run
 CRL_ROLES = ("replay", "learner", "actor", "evaluator")
 MONITORING = ("prometheus", "grafana")
 ROLES = CRL_ROLES + MONITORING
@@ -53,7 +55,9 @@ PINNED_FIELDS = ("service.host", "service.replay_address", "service.params_addre
                  "learner.checkpoint_dir",
                  # where the pods mount the Secrets, and security on (docs/reliability.md)
                  "service.tls_cert", "service.tls_key", "service.tls_ca", "service.token_file",
-                 "service.require_token")
+                 "service.require_token",
+                 # the learner Job completes at the budget (docs/deploy.md, "Run lifecycle")
+                 "learner.exit_at_budget")
 
 # The ParameterService's Secrets (created by `create-secrets`, mounted by the manifests; never in
 # a manifest). TLS: type kubernetes.io/tls with tls.crt, tls.key and ca.crt (the roots actors and
@@ -66,24 +70,31 @@ SECRET_KEYS = {TLS_SECRET: ("tls.crt", "tls.key", "ca.crt"), TOKEN_SECRET: (TOKE
 # own name: every generated certificate names each, in every in-cluster DNS form.
 PARAMS_HOSTS = ("params", "learner")
 
-# status: what is read from Prometheus (name -> PromQL).
+# status: what is read from Prometheus (name -> PromQL), for the namespace `{ns}` of the run.
+# The lifecycle values look back (last_over_time): a finished run's learner pod has ended and
+# its series are gone from the instant vector.
 STATUS_QUERIES = {
-    "params_version": "max(crl_learner_params_version)",
-    "sgd_steps": "max(crl_learner_sgd_steps)",
-    "env_steps": "max(crl_learner_env_steps)",
-    "utd": "max(crl_learner_utd)",
-    "utd_target": "max(crl_learner_utd_target)",
-    "policy_lag": "max(crl_learner_policy_lag)",
-    "env_steps_per_s": "sum(rate(crl_actor_env_steps_total[1m]))",
-    "sgd_steps_per_s": "sum(deriv(crl_learner_sgd_steps[1m]))",
-    "replay_fill": "max(crl_replay_table_size_items / crl_replay_table_capacity_items)",
-    "eval_time_at_goal": "max(crl_eval_time_at_goal)",
-    "eval_params_version": "max(crl_eval_params_version)",
+    "params_version": 'max(crl_learner_params_version{{namespace="{ns}"}})',
+    "sgd_steps": 'max(crl_learner_sgd_steps_total{{namespace="{ns}"}})',
+    "env_steps": 'max(last_over_time(crl_learner_env_steps_total{{namespace="{ns}"}}[30d]))',
+    "budget_env_steps":
+        'max(last_over_time(crl_learner_budget_env_steps{{namespace="{ns}"}}[30d]))',
+    "finished": 'max(last_over_time(crl_learner_finished{{namespace="{ns}"}}[30d]))',
+    "utd": 'max(crl_learner_utd{{namespace="{ns}"}})',
+    "utd_target": 'max(crl_learner_utd_target{{namespace="{ns}"}})',
+    "policy_lag": 'max(crl_learner_policy_lag{{namespace="{ns}"}})',
+    "env_steps_per_s": 'sum(rate(crl_actor_env_steps_total{{namespace="{ns}"}}[1m]))',
+    "sgd_steps_per_s": 'sum(rate(crl_learner_sgd_steps_total{{namespace="{ns}"}}[1m]))',
+    "replay_fill": 'max(crl_replay_table_size_items{{namespace="{ns}"}} / '
+                   'crl_replay_table_capacity_items{{namespace="{ns}"}})',
+    "eval_time_at_goal": 'max(crl_eval_time_at_goal{{namespace="{ns}"}})',
+    "eval_params_version": 'max(crl_eval_params_version{{namespace="{ns}"}})',
 }
 # The same values from the learner's own /metrics (fallback without Prometheus).
 LEARNER_METRICS = {
-    "params_version": "crl_learner_params_version", "sgd_steps": "crl_learner_sgd_steps",
-    "env_steps": "crl_learner_env_steps", "utd": "crl_learner_utd",
+    "params_version": "crl_learner_params_version", "sgd_steps": "crl_learner_sgd_steps_total",
+    "env_steps": "crl_learner_env_steps_total", "budget_env_steps": "crl_learner_budget_env_steps",
+    "finished": "crl_learner_finished", "utd": "crl_learner_utd",
     "utd_target": "crl_learner_utd_target", "policy_lag": "crl_learner_policy_lag",
 }
 
@@ -117,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("scale-actors", parents=[common],
-                       help="set the replicas of deployment/actor (the exploration knob)")
+                       help="set the parallelism of job/actor (the exploration knob)")
     p.add_argument("replicas", type=int, metavar="N")
 
     p = sub.add_parser("apply", parents=[common],
@@ -130,7 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help=f"kustomize directory rendered with kubectl (default: {DEFAULT_OVERLAY})")
     p.add_argument("--kubectl", default=None,
                    help="kubectl used to render --overlay (default: $KUBECTL, then PATH)")
-    p.add_argument("--actors", type=int, default=None, help="replicas of deployment/actor")
+    p.add_argument("--actors", type=int, default=None, help="actor pods (parallelism of job/actor)")
     p.add_argument("--image", default=None, help="image of the crl containers (default: manifests')")
     p.add_argument("--without-monitoring", action="store_true",
                    help="leave out the run's own Prometheus and Grafana")
@@ -174,6 +185,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--create-namespace", action="store_true",
                    help="create the namespace if it does not exist (the manifests would)")
 
+    p = sub.add_parser("delete", parents=[common],
+                       help="remove a run: its workloads, Services, config and policies; its "
+                            "volumes (checkpoints, replay, eval history) and Secrets are kept "
+                            "unless --delete-volumes")
+    p.add_argument("--delete-volumes", action="store_true",
+                   help="delete the whole namespace, volumes and Secrets included (needs --yes)")
+    p.add_argument("--yes", action="store_true", help="confirm --delete-volumes")
+
     p = sub.add_parser("probe", help="health probe of the learner (runs inside its pod; no "
                                       "cluster): the ParameterService Health RPC")
     p.add_argument("--config", default=None, metavar="FILE",
@@ -202,6 +221,8 @@ def main(args: argparse.Namespace) -> int:
             return scale_actors(cl, args.replicas)
         if cmd == "logs":
             return logs(cl, args)
+        if cmd == "delete":
+            return delete(cl, args)
         raise ClusterError(f"unknown command {cmd!r}")
     except ClusterError as e:
         print(f"crl cluster: {e}", file=sys.stderr)
@@ -232,6 +253,7 @@ class Cluster:
         self.api_client, self.namespace, self.host = api_client, namespace, host
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
 
     @classmethod
     def connect(cls, kubeconfig: Optional[str], context: Optional[str], namespace: str,
@@ -303,6 +325,20 @@ class Cluster:
                             "current": (st.replicas or 0) if st else 0,
                             "ready": (st.ready_replicas or 0) if st else 0,
                             "updated": (st.updated_replicas or 0) if st else 0})
+        # Jobs (learner, actors, evaluator): desired = parallelism, current = running pods,
+        # done = pods that exited 0; state Complete once the Job succeeded (the run finished).
+        for j in self.call(self.batch.list_namespaced_job, self.namespace, label_selector=PART_OF,
+                           what="list Jobs").items:
+            st = j.status
+            conds = {c.type: c.status for c in ((st.conditions if st else None) or [])}
+            state = ("Complete" if conds.get("Complete") == "True" else
+                     "Failed" if conds.get("Failed") == "True" else "Running")
+            out.append({"role": role_of(j.metadata.labels or {}), "kind": "Job",
+                        "name": j.metadata.name, "desired": j.spec.parallelism or 0,
+                        "current": (st.active or 0) if st else 0,
+                        "ready": (getattr(st, "ready", None) or 0) if st else 0,
+                        "updated": (st.active or 0) if st else 0,
+                        "succeeded": (st.succeeded or 0) if st else 0, "state": state})
         order = {r: i for i, r in enumerate(ROLES)}
         return sorted(out, key=lambda w: (order.get(w["role"], 99), w["name"]))
 
@@ -368,7 +404,8 @@ def status(cl: Cluster, args) -> int:
         metrics, source = read_metrics(cl, pods, args.prometheus_url)
     report = {"namespace": cl.namespace, "server": cl.host, "workloads": workloads,
               "pods": [{k: v for k, v in p.items() if k != "containers"} for p in pods],
-              "metrics": metrics, "metrics_source": source}
+              "metrics": metrics, "metrics_source": source,
+              "run": run_state(workloads, metrics)}
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     else:
@@ -378,10 +415,13 @@ def status(cl: Cluster, args) -> int:
 
 def format_status(r: Dict[str, Any]) -> str:
     lines = [f"namespace {r['namespace']} on {r['server']}", ""]
+    if "run" in r:
+        lines += [format_run_state(r["run"]), ""]
     if r["workloads"]:
-        lines += _table(["ROLE", "KIND", "NAME", "DESIRED", "CURRENT", "READY", "UP-TO-DATE"],
+        lines += _table(["ROLE", "KIND", "NAME", "DESIRED", "CURRENT", "READY", "DONE", "STATE"],
                         [[w["role"], w["kind"], w["name"], w["desired"], w["current"], w["ready"],
-                          w["updated"]] for w in r["workloads"]])
+                          w.get("succeeded", "-"), w.get("state", "-")]
+                         for w in r["workloads"]])
     else:
         lines.append("no CRL workloads in this namespace")
     lines.append("")
@@ -423,8 +463,12 @@ def _table(header: List[str], rows: List[List[Any]]) -> List[str]:
 
 
 def read_metrics(cl: Optional[Cluster], pods: List[Dict[str, Any]],
-                 prometheus_url: Optional[str]) -> Tuple[Dict[str, Any], Optional[str]]:
-    """({name: value}, source) from Prometheus (URL or service proxy), else the learner pod."""
+                 prometheus_url: Optional[str], namespace: Optional[str] = None
+                 ) -> Tuple[Dict[str, Any], Optional[str]]:
+    """({name: value}, source) from Prometheus (URL or service proxy), else the learner pod.
+    Only the series of `namespace` (default: the cluster's) count: a shared Prometheus holds
+    many runs."""
+    namespace = namespace or (cl.namespace if cl is not None else DEFAULT_NAMESPACE)
     errors = []
     try:
         if prometheus_url:
@@ -433,7 +477,7 @@ def read_metrics(cl: Optional[Cluster], pods: List[Dict[str, Any]],
         else:
             query = _proxy_query(cl)
             source = f"Prometheus service {cl.namespace}/{PROMETHEUS_SERVICE.split(':')[0]}"
-        return query_status(query), source
+        return query_status(query, namespace), source
     except ClusterError as e:
         errors.append(f"Prometheus: {e}")
         if prometheus_url:
@@ -454,18 +498,50 @@ def read_metrics(cl: Optional[Cluster], pods: List[Dict[str, Any]],
     return {"error": "; ".join(errors)}, None
 
 
-def query_status(query) -> Dict[str, Any]:
-    """Runs STATUS_QUERIES and the firing alerts through `query(promql) -> result list`."""
+def query_status(query, namespace: str) -> Dict[str, Any]:
+    """Runs STATUS_QUERIES and the firing alerts of `namespace` through
+    `query(promql) -> result list`."""
     out: Dict[str, Any] = {}
     for key, q in STATUS_QUERIES.items():
-        result = query(q)
+        result = query(q.format(ns=namespace))
         out[key] = float(result[0]["value"][1]) if result else None
     out["actor_params_versions"] = {
         r["metric"].get("instance", "?"): float(r["value"][1])
-        for r in query("crl_actor_params_version")}
-    out["firing_alerts"] = sorted({r["metric"].get("alertname", "?")
-                                   for r in query('ALERTS{alertstate="firing"}')})
+        for r in query(f'crl_actor_params_version{{namespace="{namespace}"}}')}
+    out["firing_alerts"] = sorted({r["metric"].get("alertname", "?") for r in query(
+        f'ALERTS{{alertstate="firing",namespace="{namespace}"}}')})
     return out
+
+
+def run_state(workloads: List[Dict[str, Any]], metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Where the run stands (contract B): finished once the learner said so
+    (crl_learner_finished) or its Job completed; env steps against the budget when known."""
+    learner = [w for w in workloads if w["role"] == "learner"]
+    job_done = bool(learner) and learner[0].get("state") == "Complete"
+    finished = metrics.get("finished") == 1 or job_done
+    env, budget = metrics.get("env_steps"), metrics.get("budget_env_steps")
+    return {"finished": finished, "env_steps": env, "budget_env_steps": budget,
+            "progress": env / budget if env is not None and budget else None,
+            "learner_job_complete": job_done,
+            "failed": [w["name"] for w in workloads if w.get("state") == "Failed"]}
+
+
+def format_run_state(run: Dict[str, Any]) -> str:
+    steps = ("" if run["env_steps"] is None else
+             f" at {run['env_steps']:.0f}" + ("" if run["budget_env_steps"] is None else
+                                              f" / {run['budget_env_steps']:.0f}") +
+             " env steps")
+    if run["finished"]:
+        how = ("the learner Job completed; its pods have ended and released their GPUs"
+               if run["learner_job_complete"] else "the learner published its final params")
+        line = f"run: finished{steps} ({how}); remove it with `crl cluster delete`"
+    elif run["progress"] is not None:
+        line = f"run: in progress{steps} ({run['progress']:.1%} of the budget)"
+    else:
+        line = f"run: in progress{steps}" if steps else "run: in progress"
+    if run["failed"]:
+        line += f"; FAILED job(s): {', '.join(run['failed'])} (crl cluster logs ROLE --previous)"
+    return line
 
 
 def _prom_result(payload: Any, where: str) -> List[Dict[str, Any]]:
@@ -543,16 +619,15 @@ def scale_actors(cl: Cluster, replicas: int) -> int:
     if replicas < 0:
         raise ClusterError(f"N = {replicas}: the number of actors must be >= 0")
     try:
-        before = cl.call(cl.apps.read_namespaced_deployment_scale, "actor", cl.namespace,
-                         what="read deployment/actor")
+        before = cl.call(cl.batch.read_namespaced_job, "actor", cl.namespace,
+                         what="read job/actor")
     except ApiError as e:
         if e.status == 404:
-            raise ClusterError(f"deployment/actor not found in namespace {cl.namespace!r}") \
-                from None
+            raise ClusterError(f"job/actor not found in namespace {cl.namespace!r}") from None
         raise
-    cl.call(cl.apps.patch_namespaced_deployment_scale, "actor", cl.namespace,
-            {"spec": {"replicas": replicas}}, what="scale deployment/actor")
-    print(f"deployment/actor in {cl.namespace}: replicas {before.spec.replicas} -> {replicas} "
+    cl.call(cl.batch.patch_namespaced_job, "actor", cl.namespace,
+            {"spec": {"parallelism": replicas}}, what="scale job/actor")
+    print(f"job/actor in {cl.namespace}: parallelism {before.spec.parallelism} -> {replicas} "
           "(the rate limiter keeps the UTD; the next `kubectl apply -k` resets the overlay's "
           "count)")
     return 0
@@ -772,14 +847,22 @@ def build_run(objects: List[Dict[str, Any]], args, namespace: str) -> List[Dict[
     new_name = f"{CONFIG_MAP}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
     cm["data"] = {CONFIG_KEY: text}
     cm["metadata"]["name"] = new_name
-    if args.name:
-        for o in objects:
-            o.setdefault("metadata", {}).setdefault("labels", {})["crl.run/name"] = args.name
+    run = args.name or namespace
+    for o in objects:
+        # The run label on every object and pod (Prometheus copies it to crl_run), and the
+        # run's own labels in the private Prometheus' scrape jobs.
+        o.setdefault("metadata", {}).setdefault("labels", {})[RUN_LABEL] = run
+        tmpl = (o.get("spec") or {}).get("template")
+        if isinstance(tmpl, dict):
+            tmpl.setdefault("metadata", {}).setdefault("labels", {})[RUN_LABEL] = run
+        if o["kind"] == "ConfigMap" and "prometheus.yml" in (o.get("data") or {}):
+            o["data"]["prometheus.yml"] = scrape_config_for_run(o["data"]["prometheus.yml"],
+                                                                namespace, run)
     for o in objects:
         md = o.setdefault("metadata", {})
         if o["kind"] == "Namespace":
             md["name"] = namespace
-        else:
+        elif o["kind"] not in CLUSTER_SCOPED:
             md["namespace"] = namespace
         spec = _pod_spec(o)
         if spec is None:
@@ -787,10 +870,12 @@ def build_run(objects: List[Dict[str, Any]], args, namespace: str) -> List[Dict[
         for v in spec.get("volumes") or []:
             if (v.get("configMap") or {}).get("name") == old_name:
                 v["configMap"]["name"] = new_name
-        if o["kind"] == "Deployment" and md.get("name") == "actor" and args.actors is not None:
+        if o["kind"] == "Job" and md.get("name") == "actor" and args.actors is not None:
             if args.actors < 0:
                 raise ClusterError(f"--actors {args.actors}: must be >= 0")
-            o["spec"]["replicas"] = args.actors
+            o["spec"]["parallelism"] = args.actors
+        if o["kind"] == "Job" and md.get("name") == "learner":
+            _set_learner_gpus(spec, cfg.gpus.learner)
         if args.image:
             for c in spec.get("containers") or []:
                 if (c.get("args") or [None])[0] in ("replay", "learner", "actor", "evaluate"):
@@ -799,6 +884,33 @@ def build_run(objects: List[Dict[str, Any]], args, namespace: str) -> List[Dict[
         objects.insert(0, {"apiVersion": "v1", "kind": "Namespace",
                            "metadata": {"name": namespace}})
     return sort_for_apply(objects)
+
+
+CLUSTER_SCOPED = ("Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding")
+
+
+def _set_learner_gpus(spec: Dict[str, Any], gpus: int) -> None:
+    """The learner pod's nvidia.com/gpu = gpus.learner (the field `crl local` places by), where
+    the manifests give it GPUs at all (the CPU overlay gives none)."""
+    for c in spec.get("containers") or []:
+        res = c.get("resources") or {}
+        for part in ("requests", "limits"):
+            if "nvidia.com/gpu" in (res.get(part) or {}):
+                res[part]["nvidia.com/gpu"] = str(gpus)
+
+
+def scrape_config_for_run(text: str, namespace: str, run: str) -> str:
+    """prometheus.yml with the constant `namespace` and `crl_run` labels of its scrape jobs set
+    to this run (the private Prometheus watches its own namespace only)."""
+    import yaml
+    cfg = yaml.safe_load(text)
+    for job in cfg.get("scrape_configs") or []:
+        for r in job.get("relabel_configs") or []:
+            if r.get("target_label") == "namespace" and "source_labels" not in r:
+                r["replacement"] = namespace
+            if r.get("target_label") == "crl_run" and "source_labels" not in r:
+                r["replacement"] = run
+    return yaml.safe_dump(cfg, sort_keys=False)
 
 
 def _is_monitoring_config(o) -> bool:
@@ -814,8 +926,9 @@ def _pod_spec(o) -> Optional[Dict[str, Any]]:
     return None
 
 
-APPLY_ORDER = ["Namespace", "ServiceAccount", "ConfigMap", "Secret", "PersistentVolumeClaim",
-               "Service", "Deployment", "StatefulSet", "NetworkPolicy"]
+APPLY_ORDER = ["Namespace", "PriorityClass", "ServiceAccount", "ConfigMap", "Secret",
+               "PersistentVolumeClaim", "Service", "PodDisruptionBudget", "Deployment",
+               "StatefulSet", "Job", "NetworkPolicy"]
 
 
 def sort_for_apply(objects):
@@ -837,11 +950,21 @@ def apply_objects(cl: Cluster, objects: List[Dict[str, Any]]) -> Iterable[str]:
         except ResourceNotFoundError:
             raise ClusterError(f"the API server at {cl.host} does not serve {o['apiVersion']} "
                                f"{kind} (needed for {name})") from None
+        replaced = False
         try:
             before = _current(res, name, ns)
-            got = res.server_side_apply(body=o, name=name, namespace=ns,
-                                        field_manager="crl-cluster", force_conflicts=True,
-                                        _request_timeout=REQUEST_TIMEOUT_S)
+            try:
+                got = _server_side_apply(res, o, name, ns)
+            except DynamicApiError as e:
+                # A Job's pod template cannot change in place (a new config, image or GPU
+                # count): the Job is deleted and created anew; its pods restart with the new
+                # spec and resume from the checkpoints on their volumes.
+                if not (kind == "Job" and e.status == 422 and before is not None):
+                    raise
+                res.delete(name=name, namespace=ns, body={"propagationPolicy": "Background"},
+                           _request_timeout=REQUEST_TIMEOUT_S)
+                _wait_gone(res, name, ns)
+                got, replaced = _server_side_apply(res, o, name, ns), True
         except DynamicApiError as e:
             raise ClusterError(f"applying {kind.lower()}/{name}: {_dyn_reason(e)}") from None
         except Exception as e:
@@ -849,9 +972,24 @@ def apply_objects(cl: Cluster, objects: List[Dict[str, Any]]) -> Iterable[str]:
                 raise ClusterError(f"cannot reach the Kubernetes API server at {cl.host}: "
                                    f"{_short(e)}") from None
             raise
-        state = ("created" if before is None else
+        state = ("created" if before is None else "replaced" if replaced else
                  "unchanged" if _content(before) == _content(got.to_dict()) else "configured")
         yield f"{kind.lower()}/{name}{' -n ' + ns if ns else ''} {state}"
+
+
+def _server_side_apply(res, o, name, ns):
+    return res.server_side_apply(body=o, name=name, namespace=ns, field_manager="crl-cluster",
+                                 force_conflicts=True, _request_timeout=REQUEST_TIMEOUT_S)
+
+
+def _wait_gone(res, name, ns, timeout_s: float = 60.0) -> None:
+    import time
+    deadline = time.monotonic() + timeout_s
+    while _current(res, name, ns) is not None:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{res.kind.lower()}/{name} is still being deleted after "
+                               f"{timeout_s:.0f} s; apply again once it is gone")
+        time.sleep(0.5)
 
 
 def _dynamic(cl: Cluster, DynamicClient):
@@ -917,6 +1055,63 @@ def _deep_merge(base: Dict[str, Any], top: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# delete
+
+# What `delete` removes (the run's objects, by label); PersistentVolumeClaims, Secrets and the
+# Namespace stay unless --delete-volumes. PriorityClasses are cluster-wide, shared by every run.
+DELETED_KINDS = (("batch/v1", "Job"), ("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"),
+                 ("v1", "Service"), ("v1", "ConfigMap"),
+                 ("networking.k8s.io/v1", "NetworkPolicy"), ("policy/v1", "PodDisruptionBudget"))
+
+
+def delete(cl: Cluster, args) -> int:
+    from kubernetes.dynamic import DynamicClient
+    from kubernetes.dynamic.exceptions import DynamicApiError, ResourceNotFoundError
+    dyn = _dynamic(cl, DynamicClient)
+    found = []
+    for api_version, kind in DELETED_KINDS:
+        try:
+            res = dyn.resources.get(api_version=api_version, kind=kind)
+        except ResourceNotFoundError:
+            continue                     # an old API server without policy/v1: nothing to do
+        try:
+            items = res.get(namespace=cl.namespace, label_selector=PART_OF,
+                            _request_timeout=REQUEST_TIMEOUT_S).items
+        except DynamicApiError as e:
+            raise ClusterError(f"list {kind}s: {_dyn_reason(e)}") from None
+        found += [(res, kind, i.metadata.name) for i in items]
+    claims = [p.metadata.name for p in cl.call(cl.core.list_namespaced_persistent_volume_claim,
+                                               cl.namespace, what="list volume claims").items]
+    if not found and not claims:
+        raise ClusterError(f"namespace {cl.namespace!r} holds no CRL run (no object labelled "
+                           f"{PART_OF}, no volume claim): nothing to delete")
+    if args.delete_volumes:
+        if not args.yes:
+            raise ClusterError(f"--delete-volumes deletes namespace {cl.namespace!r} with the "
+                               f"volume claims {', '.join(claims) or '(none)'} (checkpoints, "
+                               "replay, eval history) and the Secrets: add --yes to confirm")
+        cl.call(cl.core.delete_namespace, cl.namespace, what=f"delete namespace {cl.namespace}")
+        print(f"namespace/{cl.namespace} deleted (with everything in it: {len(found)} objects, "
+              f"volume claims {', '.join(claims) or '(none)'}, Secrets)")
+        return 0
+    for res, kind, name in found:
+        try:
+            # Background: the garbage collector removes a Job's pods after it.
+            res.delete(name=name, namespace=cl.namespace,
+                       body={"propagationPolicy": "Background"},
+                       _request_timeout=REQUEST_TIMEOUT_S)
+        except DynamicApiError as e:
+            if e.status != 404:
+                raise ClusterError(f"delete {kind.lower()}/{name}: {_dyn_reason(e)}") from None
+        print(f"{kind.lower()}/{name} -n {cl.namespace} deleted", flush=True)
+    if claims:
+        print(f"kept: volume claims {', '.join(claims)} and the Secrets in namespace "
+              f"{cl.namespace!r} (apply the run again to resume from them; export them as "
+              "docs/deploy.md says; `crl cluster delete --delete-volumes --yes` removes them)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # create-secrets
 
 def create_secrets(args) -> int:
@@ -948,8 +1143,9 @@ def create_secrets(args) -> int:
     if replaced:
         print(f"crl cluster create-secrets: running pods keep the old {' and '.join(replaced)} "
               "until they restart; restart the learner, actors and evaluator together: "
-              f"kubectl rollout restart statefulset/learner deployment/actor deployment/evaluator "
-              f"-n {namespace}", file=sys.stderr)
+              f"kubectl delete pod -n {namespace} -l 'app.kubernetes.io/name=crl,"
+              "app.kubernetes.io/component in (learner,actor,evaluator)' (their Jobs start new "
+              "ones)", file=sys.stderr)
     return 0
 
 
