@@ -649,7 +649,8 @@ def test_production_settings(rendered, name):
     for role in CRL_ROLES:
         pc = pods[role][2]["priorityClassName"]
         assert pc in classes, (role, pc)
-        assert classes[pc]["preemptionPolicy"] == "Never" and not classes[pc]["globalDefault"]
+        assert classes[pc]["preemptionPolicy"] == "Never"
+        assert not classes[pc].get("globalDefault")
         prio[role] = classes[pc]["value"]
     assert prio["actor"] < prio["learner"] and prio["evaluator"] < prio["replay"]
     # Replay beside the learner (pod affinity on the node), preferred so that it still schedules.

@@ -209,3 +209,35 @@ if __name__ == "__main__":      # regenerate k8s/monitoring-operator/prometheusr
         "# GENERATED from k8s/base/monitoring/crl-rules.yml (the same groups, unchanged); "
         "regenerate with\n#   uv run --frozen python tests/test_monitoring_rules.py\n"
         + yaml.dump(_operator_rule(), Dumper=_Dumper, sort_keys=False, width=200))
+
+
+def test_params_service_metrics_pass_promtool_check_metrics():
+    """The ParameterService's metrics as a scrape returns them, after real requests, linted by
+    promtool (tests/test_monitoring_live.py does the same for every role of a live run)."""
+    import subprocess
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from params import ParameterClient, ParameterServer
+    registry = CollectorRegistry()
+    server = ParameterServer("127.0.0.1:0", registry=registry).start()
+    try:
+        server.publish({"actor": {"w": np.ones((2, 2), "float32")}}, 1)
+        with ParameterClient(f"127.0.0.1:{server.port}", 10.0) as client:
+            assert client.get()[0] == 1
+    finally:
+        server.stop(None)
+    text = generate_latest(registry)
+    for name in (b"crl_params_publish_duration_seconds_bucket",
+                 b"crl_params_request_duration_seconds_bucket"):
+        assert name in text
+    proc = subprocess.run([str(T.tools.promtool()), "check", "metrics"], input=text,
+                          capture_output=True, timeout=60)
+    out = (proc.stdout + proc.stderr).decode(errors="replace")
+    assert proc.returncode == 0 and not out.strip(), out
+    # promtool does flag a convention break (a counter without _total).
+    bad = subprocess.run([str(T.tools.promtool()), "check", "metrics"], capture_output=True,
+                         input=b"# HELP x_requests n\n# TYPE x_requests counter\nx_requests 1\n",
+                         timeout=60)
+    assert b"_total" in bad.stdout + bad.stderr
