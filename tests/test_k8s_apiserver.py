@@ -355,7 +355,8 @@ def test_cluster_delete_keeps_the_volumes_unless_asked(server, tmp_path):
     manifests = tmp_path / "cpu.yaml"
     manifests.write_text(for_api_1_20(T.render(T.KUSTOMIZATIONS["cpu"])))
     assert crl(server, "apply", "--name", "gone", "--manifests", manifests).returncode == 0
-    assert crl(server, "create-secrets", "--name", "gone").returncode == 0
+    server.kubectl("create", "secret", "generic", "crl-params-token", "-n", "crl-gone",
+                   "--from-literal=token=not-a-real-token-0123456789abcdefXYZ")
     proc = crl(server, "delete", "--name", "gone")
     assert proc.returncode == 0, proc.stderr
     for obj in ("job/learner", "job/actor", "statefulset/replay", "service/params",
@@ -367,8 +368,7 @@ def test_cluster_delete_keeps_the_volumes_unless_asked(server, tmp_path):
     assert sorted(f"{o['kind']}/{o['metadata']['name']}" for o in left
                   if o["kind"] != "PodDisruptionBudget") == [   # policy/v1beta1 here: v1.20
         "PersistentVolumeClaim/evaluator-data", "PersistentVolumeClaim/learner-data",
-        "PersistentVolumeClaim/prometheus-data", "Secret/crl-params-tls",
-        "Secret/crl-params-token"], left
+        "PersistentVolumeClaim/prometheus-data", "Secret/crl-params-token"], left
     # The PriorityClasses are cluster-wide, shared with the other runs: kept.
     assert server.kubectl("get", "priorityclass", "crl-learner", check=False).returncode == 0
     # Volumes too: only when confirmed; the namespace goes with everything in it.

@@ -643,6 +643,8 @@ def test_production_settings(rendered, name):
     covered = sorted(_role(lab) for p in pdbs for _, lab, _ in _pods(objs)
                      if _selects(p["spec"]["selector"]["matchLabels"], lab))
     assert covered == ["learner", "replay"], covered
+    for p in pdbs:       # a budget over a Job's pods takes only an integer minAvailable
+        assert p["spec"]["minAvailable"] == 1 and "maxUnavailable" not in p["spec"], p
     # PriorityClasses: every crl pod names one that exists; actors rank below learner/replay.
     classes = {p["metadata"]["name"]: p for p in _by_kind(objs, "PriorityClass")}
     prio = {}
