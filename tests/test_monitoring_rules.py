@@ -81,6 +81,10 @@ def _exported_names():
         # The replay collector's helpers g(name, ...) / c(name, ...).
         for kind, name in re.findall(r'yield ([gc])\("(crl_[a-z0-9_]+)"', text):
             names.add(name + "_total" if kind == "c" else name)
+    # The learner's one gauge per update metric (contract A): crl_learner_<key> for every key of
+    # the metric dicts the update returns (crl/learning.py).
+    learning = (REPO / "crl" / "learning.py").read_text()
+    names |= {f"crl_learner_{k}" for k in re.findall(r'"([a-z_]+)":', learning)}
     return names
 
 
@@ -100,6 +104,11 @@ def test_every_metric_name_is_exported_by_a_role():
     queries = [q["expr"] for q in T.dashboard_queries()] + [r["expr"] for r in T.rules()]
     missing = {}
     for q in queries:
+        # Names given as a regex alternation: {__name__=~"crl_learner_(a|b)"}.
+        for prefix, alts in re.findall(r'__name__=~"([a-z_]+)\(([a-z_|]+)\)"', q):
+            for alt in alts.split("|"):
+                if prefix + alt not in exported:
+                    missing.setdefault(prefix + alt, q)
         q = re.sub(r'"[^"]*"', '""', q)                     # drop label values
         q = re.sub(r"\[\d+[smhd]\]", "", q)                  # and range durations
         for name in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", q):
