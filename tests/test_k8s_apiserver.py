@@ -186,7 +186,7 @@ def test_apply_is_accepted_and_idempotent(server, tmp_path):
     assert "priorityclass.scheduling.k8s.io/crl-learner created" in first.stdout
     before = _versions(server, "crl")
     objs = T.objects(path.read_text())
-    assert len(before) == len([o for o in objs if o["kind"] != "PriorityClass"]) == 28
+    assert len(before) == len([o for o in objs if o["kind"] != "PriorityClass"]) == 29
     second = server.kubectl("apply", "-f", path)
     lines = [l for l in second.stdout.splitlines() if l.strip()]
     assert lines and all(l.endswith(" unchanged") for l in lines), second.stdout

@@ -674,3 +674,60 @@ def test_production_settings(rendered, name):
     prom = pods["prometheus"][2]
     data = [v for v in prom["volumes"] if v["name"] == "data"][0]
     _get(objs, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+
+
+def test_job_entrypoint_exits_0_only_when_the_role_ended_by_itself(rendered, tmp_path):
+    """The Jobs' entrypoint (the ConfigMap's script, run as the pods run it): a role that ends
+    by itself passes its code on (0 at the budget: the Job completes; 3, a crash: restarted);
+    a pod stopped by Kubernetes (SIGTERM to the container's PID 1) exits 143 even though the
+    role stops cleanly with 0, so its Job replaces it instead of counting it done."""
+    import os
+    import signal
+    import time
+    _, objs = rendered["cpu"]
+    cm = [o for o in _by_kind(objs, "ConfigMap")
+          if o["metadata"]["name"].startswith("crl-job-entrypoint")][0]
+    for w, lab, spec in _pods(objs):
+        if w["kind"] == "Job":
+            c = spec["containers"][0]
+            path = c["command"][1]
+            mount = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")][0]
+            vol = [v for v in spec["volumes"] if v["name"] == mount["name"]][0]
+            assert c["command"][0] == "sh" and vol["configMap"]["name"] == cm["metadata"]["name"]
+    script = tmp_path / "job-entrypoint.sh"
+    script.write_text(cm["data"]["job-entrypoint.sh"])
+    # A stand-in `crl` on PATH that behaves as the roles do: SIGTERM -> clean stop, exit 0.
+    (tmp_path / "fake_role.py").write_text(
+        "import pathlib, signal, sys, time\n"
+        "def term(*_):\n"
+        "    pathlib.Path(sys.argv[2]).write_text('terminated')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "if sys.argv[1] == 'finish': sys.exit(0)\n"
+        "if sys.argv[1] == 'crash': sys.exit(3)\n"
+        "print('serving', flush=True)\n"
+        "time.sleep(60)\n")
+    crl = tmp_path / "bin" / "crl"
+    crl.parent.mkdir()
+    crl.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "fake_role.py"} "$@"\n')
+    crl.chmod(0o755)
+    env = dict(os.environ, PATH=f"{crl.parent}:{os.environ['PATH']}")
+    marker = tmp_path / "terminated"
+    for mode, code in (("finish", 0), ("crash", 3)):
+        proc = subprocess.run(["sh", str(script), mode, str(marker)], env=env, timeout=60)
+        assert proc.returncode == code, mode
+    proc = subprocess.Popen(["sh", str(script), "serve", str(marker)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.read_text() == "terminated"       # the role got the SIGTERM and stopped
