@@ -35,6 +35,12 @@ from params.wire import (
 )
 from protos import params_pb2, params_pb2_grpc
 
+# The standard gRPC health service (grpc.health.v1) beside the project's Health RPC: "" answers
+# SERVING while the server runs (liveness); SERVICE_NAME answers SERVING once a version is
+# published (readiness). No token needed, like Health. Kubernetes' native `grpc:` probes and
+# grpc_health_probe speak it.
+SERVICE_NAME = "crl.params.ParameterService"
+
 
 class _Metrics:
     def __init__(self, registry: CollectorRegistry):
@@ -42,8 +48,8 @@ class _Metrics:
         self.version = Gauge("crl_params_version",
                              "Latest published params version (-1: none yet)", **kw)
         self.version.set(-1)
-        self.publish_latency = Histogram(
-            "crl_params_publish_latency_seconds",
+        self.publish_duration = Histogram(
+            "crl_params_publish_duration_seconds",
             "Time to serialise and swap in one params version (each subset is checksummed "
             "once, at its first fetch)",
             buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), **kw)
@@ -55,8 +61,8 @@ class _Metrics:
                                 ["method", "result"], **kw)
         self.sent_bytes = Counter("crl_params_sent_bytes_total",
                                   "Params payload bytes streamed to clients", **kw)
-        self.request_latency = Histogram(
-            "crl_params_request_latency_seconds", "ParameterService request duration",
+        self.request_duration = Histogram(
+            "crl_params_request_duration_seconds", "ParameterService request duration",
             ["method"], buckets=(.001, .005, .01, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), **kw)
         self.refused_streams = Counter(
             "crl_params_refused_streams_total",
@@ -205,7 +211,7 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
             context.abort(e.code, e.message)
         finally:
             self._s._metrics.requests.labels("GetParams", state.result).inc()
-            self._s._metrics.request_latency.labels("GetParams").observe(time.monotonic() - t0)
+            self._s._metrics.request_duration.labels("GetParams").observe(time.monotonic() - t0)
 
     def Health(self, request, context):
         t0 = time.monotonic()
@@ -220,7 +226,7 @@ class _Servicer(params_pb2_grpc.ParameterServiceServicer):
             uptime_s=time.monotonic() - self._s._started_at if self._s._started_at else 0.0,
             protocol_version=PROTOCOL_VERSION)
         self._s._metrics.requests.labels("Health", "ok").inc()
-        self._s._metrics.request_latency.labels("Health").observe(time.monotonic() - t0)
+        self._s._metrics.request_duration.labels("Health").observe(time.monotonic() - t0)
         return reply
 
 
@@ -336,6 +342,7 @@ class ParameterServer:
         self._server: Optional[grpc.Server] = None
         self._serving = False
         self._started_at = 0.0
+        self._health = None              # grpc_health.v1 HealthServicer while started
         self.port: Optional[int] = None
         self.address: Optional[str] = None
 
@@ -353,7 +360,7 @@ class ParameterServer:
         # The generated add_ParameterServiceServicer_to_server, except that GetParams may yield
         # ready-serialised ParamsChunk bytes (same wire format; see _View.messages).
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "crl.params.ParameterService", {
+            SERVICE_NAME, {
                 "GetParams": grpc.unary_stream_rpc_method_handler(
                     servicer.GetParams,
                     request_deserializer=params_pb2.GetParamsRequest.FromString,
@@ -361,6 +368,13 @@ class ParameterServer:
                 "Health": grpc.unary_unary_rpc_method_handler(
                     servicer.Health, request_deserializer=params_pb2.HealthRequest.FromString,
                     response_serializer=params_pb2.HealthReply.SerializeToString)}),))
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        self._health = health.HealthServicer()
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING
+                         if self._current() is not None
+                         else health_pb2.HealthCheckResponse.NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         host = self._requested_address.rpartition(":")[0]
         try:
             if self._tls is not None:
@@ -387,6 +401,8 @@ class ParameterServer:
     def stop(self, grace: Optional[float] = None) -> None:
         """Stops serving; in-flight streams get `grace` seconds to finish (None: cancel now)."""
         self._serving = False
+        if self._health is not None:
+            self._health.enter_graceful_shutdown()     # every service: NOT_SERVING
         server, self._server = self._server, None
         if server is not None:
             server.stop(grace).wait()
@@ -443,4 +459,7 @@ class ParameterServer:
         m.version.set(version)
         m.payload_bytes.set(snap.total_bytes)
         m.leaves.set(len(snap.leaves))
-        m.publish_latency.observe(time.perf_counter() - t0)
+        m.publish_duration.observe(time.perf_counter() - t0)
+        if self._health is not None and self._serving:
+            from grpc_health.v1 import health_pb2
+            self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -40,7 +40,7 @@ def test_import_is_cheap_and_listed_in_help():
                           capture_output=True, text=True, timeout=60)
     assert "cluster" in proc.stdout
     proc = run("--help")
-    for cmd in ("status", "scale-actors", "apply", "logs", "probe", "create-secrets"):
+    for cmd in ("status", "scale-actors", "apply", "logs", "probe", "create-secrets", "delete"):
         assert cmd in proc.stdout
 
 
@@ -60,7 +60,8 @@ def test_unreachable_server(tmp_path):
            "users": [{"name": "u", "user": {"token": "t"}}],
            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}
     (tmp_path / "kubeconfig").write_text(yaml.safe_dump(cfg))
-    for args in (["status"], ["scale-actors", "2"], ["logs", "learner"], ["create-secrets"]):
+    for args in (["status"], ["scale-actors", "2"], ["logs", "learner"], ["create-secrets"],
+                 ["delete"]):
         proc = run(*args, env={"KUBECONFIG": str(tmp_path / "kubeconfig")})
         assert proc.returncode == 2, proc.stderr
         assert "cannot reach the Kubernetes API server at https://127.0.0.1:" in proc.stderr
@@ -90,8 +91,18 @@ def test_apply_dry_run_builds_the_run(manifests, tmp_path):
     assert proc.returncode == 0, proc.stderr
     objs = _objs(proc.stdout)
     assert objs[0]["kind"] == "Namespace" and objs[0]["metadata"]["name"] == "crl-p1"
-    assert all(o["metadata"].get("namespace") == "crl-p1" for o in objs[1:])
-    assert all(o["metadata"]["labels"]["crl.run/name"] == "p1" for o in objs)
+    assert all(o["metadata"].get("namespace") == "crl-p1" for o in objs[1:]
+               if o["kind"] != "PriorityClass")            # cluster-wide, shared by the runs
+    # The run label on every object and pod; the run's Prometheus labels its series with it.
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/instance"] == "p1" for o in objs)
+    assert all(o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "p1"
+               for o in objs if o["kind"] in ("Job", "Deployment", "StatefulSet"))
+    prom_cm = [o for o in objs if o["kind"] == "ConfigMap" and
+               o["metadata"]["name"].startswith("prometheus-config")][0]
+    for job in yaml.safe_load(prom_cm["data"]["prometheus.yml"])["scrape_configs"]:
+        if job["job_name"].startswith("crl-"):
+            labels = {r["target_label"]: r["replacement"] for r in job["relabel_configs"]}
+            assert (labels["namespace"], labels["crl_run"]) == ("crl-p1", "p1"), job
     cm = [o for o in objs if o["kind"] == "ConfigMap" and
           o["metadata"]["name"].startswith("crl-config-")]
     assert len(cm) == 1
@@ -102,7 +113,7 @@ def test_apply_dry_run_builds_the_run(manifests, tmp_path):
     assert run_cfg["service"]["params_address"] == "params:18001"
     assert run_cfg["run"]["run_dir"] == "/data/run"
     assert "service.params_address: '127.0.0.1:5' -> 'params:18001'" in proc.stderr
-    workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+    workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet", "Job")]
     for w in workloads:
         spec = w["spec"]["template"]["spec"]
         role = w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
@@ -112,7 +123,7 @@ def test_apply_dry_run_builds_the_run(manifests, tmp_path):
             assert vol["configMap"]["name"] == cm[0]["metadata"]["name"]
         assert (spec["containers"][0]["image"] == "registry.local/crl:dev") == is_crl, role
     actor = [w for w in workloads if w["metadata"]["name"] == "actor"][0]
-    assert actor["spec"]["replicas"] == 5
+    assert actor["spec"]["parallelism"] == 5
     # The same inputs give the same objects (a re-apply is a no-op); another config, another
     # ConfigMap name (the pods restart with it).
     again = run("apply", "--name", "p1", "--manifests", manifests, "--config", cfg,
@@ -146,6 +157,14 @@ def test_apply_errors(manifests, tmp_path):
                "--kubectl", T.tools.kubectl(), "--actors", "1")
     assert proc.returncode == 0, proc.stderr
     assert "nvidia.com/gpu" in proc.stdout
+    # The learner's GPUs follow gpus.learner, the field `crl local` places the learner by.
+    proc = run("apply", "--dry-run", "--overlay", "k8s/overlays/gpu",
+               "--kubectl", T.tools.kubectl(), "--gpus.learner", "4")
+    assert proc.returncode == 0, proc.stderr
+    learner = [o for o in _objs(proc.stdout) if o["kind"] == "Job"
+               and o["metadata"]["name"] == "learner"][0]
+    res = learner["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "4"
     proc = run("apply", "--name", "Depth_64", "--manifests", manifests, "--dry-run")
     assert proc.returncode == 2 and "a run name is a DNS label" in proc.stderr
     # From another directory (what `crl sweep --backend k8s`'s apply.sh does), the checkout's
@@ -264,3 +283,31 @@ def test_create_secrets_checks_its_inputs_before_contacting_a_cluster(tmp_path):
     # Good inputs get as far as the cluster (none is configured here).
     proc = run("create-secrets", "--cert", good_cert, "--key", good_key, env=env)
     assert proc.returncode == 2 and "no Kubernetes cluster configured" in proc.stderr
+
+
+def test_status_says_finished_with_env_steps_against_the_budget():
+    """The run line of `crl cluster status` (contract B), from the learner's metrics or, once
+    its pod has ended, from its Job's state."""
+    from app.cluster import format_run_state, run_state
+    jobs = lambda learner_state: [  # noqa: E731
+        {"role": "learner", "kind": "Job", "name": "learner", "state": learner_state},
+        {"role": "actor", "kind": "Job", "name": "actor", "state": learner_state}]
+    running = run_state(jobs("Running"), {"env_steps": 500000.0, "budget_env_steps": 2e6,
+                                          "finished": 0.0})
+    assert not running["finished"] and running["progress"] == 0.25
+    assert format_run_state(running) == \
+        "run: in progress at 500000 / 2000000 env steps (25.0% of the budget)"
+    done = run_state(jobs("Complete"), {"env_steps": 2e6, "budget_env_steps": 2e6,
+                                        "finished": 1.0})
+    text = format_run_state(done)
+    assert done["finished"] and text.startswith("run: finished at 2000000 / 2000000 env steps")
+    assert "released their GPUs" in text and "crl cluster delete" in text
+    # Metrics say finished while the learner still serves its grace period.
+    serving = run_state(jobs("Running"), {"env_steps": 2e6, "budget_env_steps": 2e6,
+                                          "finished": 1.0})
+    assert serving["finished"] and "final params" in format_run_state(serving)
+    # No metrics (no Prometheus): the completed learner Job alone says finished.
+    assert run_state(jobs("Complete"), {})["finished"]
+    failed = run_state([{"role": "learner", "kind": "Job", "name": "learner",
+                         "state": "Failed"}], {})
+    assert not failed["finished"] and "FAILED job(s): learner" in format_run_state(failed)

@@ -5,6 +5,12 @@ first deploy step) and never prints them; `crl cluster status | scale-actors | l
 against it, with clear errors for a missing namespace and an unreachable server. Nothing is scheduled (no kubelet, no controllers):
 status reports desired and ready counts.
 
+The server is v1.20 (the newest the reachable registries give): the two API fields newer than it
+are translated down before applying (`for_api_1_20`): PodDisruptionBudget policy/v1 ->
+policy/v1beta1 (same fields) without unhealthyPodEvictionPolicy (1.26+). Everything else is
+applied as rendered; test_k8s_manifests validates the untranslated manifests against the 1.35
+schemas.
+
 The first run builds kube-apiserver (scripts/test_tools/install_tools.py: ~290 CPU-seconds,
 measured 445 s on a loaded 2-core machine; cached in ~/.cache/crl-test-tools); later runs start
 it in ~6 s and the module takes ~1 min."""
@@ -33,6 +39,27 @@ def server(tmp_path_factory):
         s.stop()
 
 
+def for_api_1_20(text: str) -> str:
+    """The rendered manifests as a v1.20 API server accepts them (see the module docstring)."""
+    import yaml
+    out = []
+    for o in T.objects(text):
+        if o["kind"] == "PodDisruptionBudget":
+            o["apiVersion"] = "policy/v1beta1"
+            o["spec"].pop("unhealthyPodEvictionPolicy", None)
+        out.append(o)
+    return yaml.safe_dump_all(out, sort_keys=False)
+
+
+def rendered_1_20(path: Path, tmp: Path) -> Path:
+    f = tmp / f"{path.name}-1.20.yaml"
+    f.write_text(for_api_1_20(T.render(path)))
+    return f
+
+
+NAMESPACED_KINDS = "configmap,service,pvc,deployment,statefulset,job,networkpolicy,pdb"
+
+
 def crl(server, *args, input=None, kubeconfig=True):
     env = dict(os.environ)
     if kubeconfig:
@@ -43,8 +70,7 @@ def crl(server, *args, input=None, kubeconfig=True):
 
 def _versions(server, namespace):
     """{kind/name: resourceVersion} of everything the manifests create in namespace."""
-    out = server.kubectl("get", "configmap,service,pvc,deployment,statefulset,networkpolicy",
-                         "-n", namespace, "-o", "json").stdout
+    out = server.kubectl("get", NAMESPACED_KINDS, "-n", namespace, "-o", "json").stdout
     items = json.loads(out)["items"]
     ns = json.loads(server.kubectl("get", "namespace", namespace, "-o", "json").stdout)
     return {f"{o['kind']}/{o['metadata']['name']}": o["metadata"]["resourceVersion"]
@@ -115,7 +141,8 @@ def test_create_secrets_before_the_first_apply(server, tmp_path):
     assert second.returncode == 0, second.stderr
     assert "secret/crl-params-tls -n crl replaced" in second.stdout
     assert "secret/crl-params-token -n crl replaced" in second.stdout
-    assert "kubectl rollout restart statefulset/learner deployment/actor deployment/evaluator" \
+    assert "kubectl delete pod -n crl -l 'app.kubernetes.io/name=crl,app.kubernetes.io/" \
+        "component in (learner,actor,evaluator)'" \
         in second.stderr
     _, tls2, rv2 = _secret(server, "crl", "crl-params-tls")
     _, tok2, _ = _secret(server, "crl", "crl-params-token")
@@ -147,75 +174,80 @@ def test_create_secrets_before_the_first_apply(server, tmp_path):
     assert crl(server, "create-secrets").returncode == 0
 
 
-def test_apply_is_accepted_and_idempotent(server):
-    path = T.KUSTOMIZATIONS["cpu"]
+def test_apply_is_accepted_and_idempotent(server, tmp_path):
+    path = rendered_1_20(T.KUSTOMIZATIONS["cpu"], tmp_path)
     secrets_before = {n: _secret(server, "crl", n) for n in ("crl-params-tls", "crl-params-token")} \
         if server.kubectl("get", "secret", "crl-params-tls", "-n", "crl", check=False).returncode \
         == 0 else None
-    first = server.kubectl("apply", "-k", path)
-    assert "deployment.apps/actor created" in first.stdout
+    first = server.kubectl("apply", "-f", path)
+    assert "job.batch/actor created" in first.stdout and "job.batch/learner created" in \
+        first.stdout
     assert "networkpolicy.networking.k8s.io/replay-ingress created" in first.stdout
+    assert "priorityclass.scheduling.k8s.io/crl-learner created" in first.stdout
     before = _versions(server, "crl")
-    assert len(before) == 24
-    second = server.kubectl("apply", "-k", path)
+    objs = T.objects(path.read_text())
+    assert len(before) == len([o for o in objs if o["kind"] != "PriorityClass"]) == 29
+    second = server.kubectl("apply", "-f", path)
     lines = [l for l in second.stdout.splitlines() if l.strip()]
     assert lines and all(l.endswith(" unchanged") for l in lines), second.stdout
     assert _versions(server, "crl") == before
-    diff = server.kubectl("diff", "-k", path, check=False)
+    diff = server.kubectl("diff", "-f", path, check=False)
     assert diff.returncode == 0, diff.stdout + diff.stderr
     # The applies left the Secrets alone (the manifests hold none; nothing is pruned).
     if secrets_before is not None:
         assert {n: _secret(server, "crl", n) for n in secrets_before} == secrets_before
     # The pods mount them: the learner the whole TLS Secret, the actors only the CA.
-    sts = json.loads(server.kubectl("get", "statefulset", "learner", "-n", "crl", "-o",
-                                    "json").stdout)
+    sts = json.loads(server.kubectl("get", "job", "learner", "-n", "crl", "-o", "json").stdout)
     vols = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert vols["params-tls"]["secret"]["secretName"] == "crl-params-tls"
     assert "items" not in vols["params-tls"]["secret"]
-    dep = json.loads(server.kubectl("get", "deployment", "actor", "-n", "crl", "-o", "json").stdout)
+    dep = json.loads(server.kubectl("get", "job", "actor", "-n", "crl", "-o", "json").stdout)
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert vols["params-tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     assert vols["params-token"]["secret"]["secretName"] == "crl-params-token"
     # What the server stored is what the overlay says.
-    dep = json.loads(server.kubectl("get", "deployment", "actor", "-n", "crl", "-o", "json").stdout)
-    assert dep["spec"]["replicas"] == 2
-    sts = json.loads(server.kubectl("get", "statefulset", "learner", "-n", "crl", "-o",
-                                    "json").stdout)
+    dep = json.loads(server.kubectl("get", "job", "actor", "-n", "crl", "-o", "json").stdout)
+    assert dep["spec"]["parallelism"] == 2 and dep["spec"]["template"]["spec"][
+        "restartPolicy"] == "OnFailure"
+    sts = json.loads(server.kubectl("get", "job", "learner", "-n", "crl", "-o", "json").stdout)
     assert "nvidia.com/gpu" not in json.dumps(sts["spec"]["template"])
-    # kubectl scale works on the actor deployment (the exploration knob).
-    server.kubectl("scale", "deployment/actor", "-n", "crl", "--replicas=4")
-    assert server.kubectl("get", "deployment", "actor", "-n", "crl", "-o",
-                          "jsonpath={.spec.replicas}").stdout == "4"
+    assert sts["spec"]["template"]["spec"]["priorityClassName"] == "crl-learner"
+    # The actor count is the Job's parallelism (the exploration knob), patched in place.
+    server.kubectl("patch", "job/actor", "-n", "crl", "-p", '{"spec":{"parallelism":4}}')
+    assert server.kubectl("get", "job", "actor", "-n", "crl", "-o",
+                          "jsonpath={.spec.parallelism}").stdout == "4"
 
 
-def test_cluster_status_scale_and_logs(server):
-    server.kubectl("apply", "-k", T.KUSTOMIZATIONS["cpu"])
+def test_cluster_status_scale_and_logs(server, tmp_path):
+    server.kubectl("apply", "-f", rendered_1_20(T.KUSTOMIZATIONS["cpu"], tmp_path))
     proc = crl(server, "status", "--json", "--no-metrics")
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     work = {w["role"]: w for w in report["workloads"]}
     assert set(work) == {"replay", "learner", "actor", "evaluator", "prometheus", "grafana"}
     assert (work["actor"]["kind"], work["actor"]["desired"], work["actor"]["ready"]) == \
-        ("Deployment", 2, 0)
-    assert (work["replay"]["kind"], work["learner"]["kind"]) == ("StatefulSet", "StatefulSet")
-    assert report["pods"] == []
+        ("Job", 2, 0)
+    assert (work["replay"]["kind"], work["learner"]["kind"]) == ("StatefulSet", "Job")
+    assert work["learner"]["state"] == "Running" and work["learner"]["succeeded"] == 0
+    assert report["pods"] == [] and report["run"]["finished"] is False
 
     proc = crl(server, "scale-actors", "6")
     assert proc.returncode == 0 and "2 -> 6" in proc.stdout, proc.stdout + proc.stderr
-    assert server.kubectl("get", "deployment", "actor", "-n", "crl", "-o",
-                          "jsonpath={.spec.replicas}").stdout == "6"
+    assert server.kubectl("get", "job", "actor", "-n", "crl", "-o",
+                          "jsonpath={.spec.parallelism}").stdout == "6"
 
     # Text status: counts, and why metrics are missing (no Prometheus pod runs here).
     proc = crl(server, "status")
     assert proc.returncode == 0, proc.stderr
-    assert "actor       Deployment   actor       6" in proc.stdout, proc.stdout
+    assert "actor       Job          actor       6" in proc.stdout, proc.stdout
+    assert "run: in progress" in proc.stdout
     assert "no pods yet (11 desired)" in proc.stdout
     assert "metrics: Prometheus:" in proc.stdout and "no running learner pod" in proc.stdout
 
     proc = crl(server, "logs", "actor")
     assert proc.returncode == 2
     assert "no pods of role actor in namespace 'crl'" in proc.stderr
-    assert "deployment/actor wants 6" in proc.stderr
+    assert "job/actor wants 6" in proc.stderr
     # A pod that exists but is not scheduled: its logs cannot be read, and the error says so.
     server.kubectl("run", "evaluator-manual", "-n", "crl", "--image=busybox:1.36", "--restart=Never",
                    "--labels=app.kubernetes.io/name=crl,app.kubernetes.io/component=evaluator,"
@@ -250,7 +282,7 @@ def test_cluster_errors(server, tmp_path):
 
 def test_cluster_apply_a_run(server, tmp_path):
     manifests = tmp_path / "rendered.yaml"
-    manifests.write_text(T.render(T.KUSTOMIZATIONS["cpu"]))
+    manifests.write_text(for_api_1_20(T.render(T.KUSTOMIZATIONS["cpu"])))
     run_cfg = tmp_path / "run.yaml"
     run_cfg.write_text("env: {name: point_maze_open}\nnetwork: {critic: {depth: 8}}\n"
                        "service: {replay_address: '127.0.0.1:1234'}\nrun: {run_dir: /runs/x}\n")
@@ -282,9 +314,10 @@ def test_cluster_apply_a_run(server, tmp_path):
     assert (cfg["env"]["name"], cfg["network"]["critic"]["depth"],
             cfg["learner"]["total_env_steps"]) == ("point_maze_open", 8, 50000)
     assert cfg["service"]["replay_address"] == "replay:18000"
-    dep = json.loads(server.kubectl("get", "deployment", "actor", "-n", "crl-sweep-a", "-o",
+    dep = json.loads(server.kubectl("get", "job", "actor", "-n", "crl-sweep-a", "-o",
                                     "json").stdout)
-    assert dep["spec"]["replicas"] == 3
+    assert dep["spec"]["parallelism"] == 3
+    assert dep["metadata"]["labels"]["app.kubernetes.io/instance"] == "sweep-a"
     vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
     assert vols["config"]["configMap"]["name"] == crl_cm[0]["metadata"]["name"]
     # status sees the run; an invalid config is refused before anything is applied.
@@ -297,13 +330,57 @@ def test_cluster_apply_a_run(server, tmp_path):
     # The gpu overlay is accepted too (in a namespace of its own: a StatefulSet's volume claims
     # cannot change in place), and re-applying it changes nothing.
     gpu = tmp_path / "gpu.yaml"
-    gpu.write_text(T.render(T.KUSTOMIZATIONS["gpu"]))
+    gpu.write_text(for_api_1_20(T.render(T.KUSTOMIZATIONS["gpu"])))
     for state in ("created", "unchanged"):
         proc = crl(server, "apply", "--namespace", "crl-gpu", "--manifests", gpu)
         assert proc.returncode == 0, proc.stderr
-        lines = proc.stdout.strip().splitlines()
-        assert len(lines) == 24 and all(l.endswith(" " + state) for l in lines), proc.stdout
-    sts = json.loads(server.kubectl("get", "statefulset", "learner", "-n", "crl-gpu", "-o",
+        lines = [l for l in proc.stdout.strip().splitlines() if "priorityclass/" not in l]
+        assert len(lines) == len(T.objects(gpu.read_text())) - 3 and \
+            all(l.endswith(" " + state) for l in lines), proc.stdout
+    sts = json.loads(server.kubectl("get", "job", "learner", "-n", "crl-gpu", "-o",
                                     "json").stdout)
     limits = sts["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == "8"
+    # A new config for a run: the Jobs' pod templates cannot change in place, so apply
+    # replaces them (their pods resume from the volumes); the rest is configured in place.
+    proc = crl(server, "apply", "--name", "sweep-a", "--manifests", manifests, "--config",
+               run_cfg, "--learner.total_env_steps", "60000", "--actors", "3")
+    assert proc.returncode == 0, proc.stderr
+    for job in ("learner", "actor", "evaluator"):
+        assert f"job/{job} -n crl-sweep-a replaced" in proc.stdout, proc.stdout
+    assert "statefulset/replay -n crl-sweep-a configured" in proc.stdout
+
+
+def test_cluster_delete_keeps_the_volumes_unless_asked(server, tmp_path):
+    manifests = tmp_path / "cpu.yaml"
+    manifests.write_text(for_api_1_20(T.render(T.KUSTOMIZATIONS["cpu"])))
+    assert crl(server, "apply", "--name", "gone", "--manifests", manifests).returncode == 0
+    server.kubectl("create", "secret", "generic", "crl-params-token", "-n", "crl-gone",
+                   "--from-literal=token=not-a-real-token-0123456789abcdefXYZ")
+    proc = crl(server, "delete", "--name", "gone")
+    assert proc.returncode == 0, proc.stderr
+    for obj in ("job/learner", "job/actor", "statefulset/replay", "service/params",
+                "networkpolicy/replay-ingress"):
+        assert f"{obj} -n crl-gone deleted" in proc.stdout, proc.stdout
+    assert "kept: volume claims evaluator-data, learner-data, prometheus-data" in proc.stdout
+    left = json.loads(server.kubectl("get", NAMESPACED_KINDS + ",secret", "-n", "crl-gone", "-o",
+                                     "json").stdout)["items"]
+    assert sorted(f"{o['kind']}/{o['metadata']['name']}" for o in left
+                  if o["kind"] != "PodDisruptionBudget") == [   # policy/v1beta1 here: v1.20
+        "PersistentVolumeClaim/evaluator-data", "PersistentVolumeClaim/learner-data",
+        "PersistentVolumeClaim/prometheus-data", "Secret/crl-params-token"], left
+    # The PriorityClasses are cluster-wide, shared with the other runs: kept.
+    assert server.kubectl("get", "priorityclass", "crl-learner", check=False).returncode == 0
+    # Volumes too: only when confirmed; the namespace goes with everything in it.
+    proc = crl(server, "delete", "--name", "gone", "--delete-volumes")
+    assert proc.returncode == 2 and "add --yes to confirm" in proc.stderr
+    assert "learner-data" in proc.stderr
+    proc = crl(server, "delete", "--name", "gone", "--delete-volumes", "--yes")
+    assert proc.returncode == 0 and "namespace/crl-gone deleted" in proc.stdout, proc.stderr
+    phase = server.kubectl("get", "namespace", "crl-gone", "-o", "jsonpath={.status.phase}",
+                           check=False)
+    # No namespace controller runs here: the namespace stays Terminating (a real cluster
+    # then removes everything in it).
+    assert phase.returncode != 0 or phase.stdout == "Terminating", phase.stdout
+    proc = crl(server, "delete", "-n", "default")
+    assert proc.returncode == 2 and "holds no CRL run" in proc.stderr

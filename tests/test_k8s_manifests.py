@@ -20,7 +20,7 @@ import install_tools as tools  # noqa: E402
 from crl import config as C  # noqa: E402
 
 CRL_ROLES = ("replay", "learner", "actor", "evaluator")
-WORKLOAD_KINDS = ("Deployment", "StatefulSet")
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job")
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,11 @@ def test_config_map_is_a_valid_crl_config_matching_the_manifests(rendered, name)
             assert m, f"{_role(lab)} writes {wpath}, which is on no writable volume"
             if _role(lab) in ("replay", "learner") and wpath != cfg.run.run_dir:
                 names = [t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])]
-                assert m[0]["name"] in names, f"{wpath} of {_role(lab)} is not on its PVC"
+                vol = [v for v in spec["volumes"] if v["name"] == m[0]["name"]]
+                claim = vol and (vol[0].get("persistentVolumeClaim") or {}).get("claimName")
+                if claim:
+                    _get(objs, "PersistentVolumeClaim", claim)
+                assert m[0]["name"] in names or claim, f"{wpath} of {_role(lab)} is not on its PVC"
 
 
 @pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
@@ -165,6 +169,9 @@ def test_selectors_services_and_probes(rendered, name):
     roles = {_role(lab) for _, lab, _ in pods}
     assert set(CRL_ROLES) | {"prometheus", "grafana"} <= roles
     for w, labels, spec in pods:
+        if w["kind"] == "Job":           # the Job controller makes its own selector
+            assert "selector" not in w["spec"] and spec["restartPolicy"] == "OnFailure"
+            continue
         # The selector matches the pod template's labels.
         assert _selects(w["spec"]["selector"]["matchLabels"], labels), w["metadata"]["name"]
         if w["kind"] == "StatefulSet":
@@ -174,7 +181,9 @@ def test_selectors_services_and_probes(rendered, name):
     # No two workloads share pods.
     for i, (w1, l1, _) in enumerate(pods):
         for w2, l2, _ in pods[i + 1:]:
-            assert not _selects(w1["spec"]["selector"]["matchLabels"], l2), (w1, w2)
+            assert _role(l1) != _role(l2), (w1["metadata"]["name"], w2["metadata"]["name"])
+            if w1["kind"] != "Job":
+                assert not _selects(w1["spec"]["selector"]["matchLabels"], l2), (w1, w2)
     for svc in _by_kind(objs, "Service"):
         matched = [(w, lab, spec) for w, lab, spec in pods if _selects(svc["spec"]["selector"], lab)]
         assert matched, f"Service {svc['metadata']['name']} selects no pods"
@@ -258,7 +267,8 @@ def test_security_context_resources_and_images(rendered, name):
     ns = _by_kind(objs, "Namespace")
     assert [n["metadata"]["name"] for n in ns] == ["crl"]
     assert ns[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert all(o["metadata"].get("namespace") == "crl" for o in objs if o["kind"] != "Namespace")
+    assert all(o["metadata"].get("namespace") == "crl" for o in objs
+               if o["kind"] not in ("Namespace", "PriorityClass"))
     for w, labels, spec in _pods(objs):
         role = _role(labels)
         psc = spec["securityContext"]
@@ -291,13 +301,24 @@ def test_gpu_requests_per_overlay(rendered):
     for name, want in (("base", {"learner": "1"}), ("cpu", {}),
                        ("gpu", {"learner": "8", "actor": "1", "evaluator": "1"})):
         _, objs = rendered[name]
+        cfg = _crl_config(objs)
         for _, labels, spec in _pods(objs):
             g = _gpus(spec["containers"][0])
             w = want.get(_role(labels))
             assert g == {"requests": w, "limits": w}, (name, _role(labels), g)
+            if _role(labels) == "learner" and w:
+                # The same field `crl local` places the learner by (crl/placement.py).
+                assert int(w) == cfg.gpus.learner, (name, cfg.gpus)
             if name == "gpu" and w:
-                assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+                # Scheduled by the nvidia.com/gpu resource alone: the standard taint of GPU
+                # nodes is tolerated, no node label (GPU Feature Discovery) is needed.
+                assert {"key": "nvidia.com/gpu", "operator": "Exists",
+                        "effect": "NoSchedule"} in spec["tolerations"]
+                assert "nodeSelector" not in spec and "nodeAffinity" not in \
+                    spec.get("affinity", {})
                 assert spec["containers"][0]["image"].endswith("-cuda12")
+        if name == "cpu":
+            assert cfg.gpus.count == 0
         if name == "cpu":
             assert "nvidia.com/gpu" not in rendered[name][0].read_text()
     gpu_cfg = _crl_config(rendered["gpu"][1])
@@ -355,12 +376,12 @@ def test_one_line_overlay_changes(tmp_path):
         assert text.count(old) == 1, (path, old)
         path.write_text(text.replace(old, new))
 
-    edit(overlay / "kustomization.yaml", "    count: 2\n", "    count: 7\n")
+    edit(overlay / "kustomization.yaml", "        value: 2\n", "        value: 7\n")
     edit(overlay / "crl.yaml", "  name: point_maze_u\n", "  name: ant_u4_maze\n")
     edit(overlay / "crl.yaml", "  critic: {depth: 4, width: 256}\n",
          "  critic: {depth: 16, width: 256}\n")
     after = T.objects(T.render(overlay))
-    assert _get(after, "Deployment", "actor")["spec"]["replicas"] == 7
+    assert _get(after, "Job", "actor")["spec"]["parallelism"] == 7
     cfg_before, cfg_after = _crl_config(before), _crl_config(after)
     assert (cfg_after.env.name, cfg_after.network.critic.depth) == ("ant_u4_maze", 16)
     C.validate(cfg_after)
@@ -510,6 +531,20 @@ def test_each_role_loads_its_security_from_its_pod_and_only_token_holders_get_pa
                 plain.get()
             assert e.value.code() in (grpc.StatusCode.UNAVAILABLE,
                                       grpc.StatusCode.DEADLINE_EXCEEDED)
+        # The standard gRPC health service (grpc.health.v1) answers over the same TLS, without
+        # the token: "" SERVING (alive), the ParameterService SERVING once a version is out.
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from params.server import SERVICE_NAME
+        creds = grpc.ssl_channel_credentials(root_certificates=client_sec.tls_ca)
+        with grpc.secure_channel(addr, creds, options=[
+                ("grpc.ssl_target_name_override", host)]) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for service in ("", SERVICE_NAME):
+                got = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+                assert got.status == health_pb2.HealthCheckResponse.SERVING, service
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
         # The learner's probe command, with its pod's config (TLS, name of params_address).
         cfg_file = tmp_path / "learner.yaml"
         cfg_file.write_text(C.dumps(learner_cfg))
@@ -564,3 +599,135 @@ def test_kubectl_apply_k_k8s_is_the_cpu_overlay(rendered):
     from pathlib import Path
     root = T.objects(T.render(Path(T.K8S)))
     assert root == rendered["cpu"][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Run lifecycle and production settings (docs/deploy.md).
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_finished_roles_are_not_restarted(rendered, name):
+    """Contract B: the learner, the actors and the evaluator are Jobs whose pods restart only on
+    failure (exit != 0); a role that exits 0 at the budget ends its Job and frees its GPUs; the
+    learner exits at the budget (exit_at_budget pinned true). Replay keeps serving."""
+    _, objs = rendered[name]
+    kinds = {_role(lab): w["kind"] for w, lab, _ in _pods(objs)}
+    assert kinds == {"learner": "Job", "actor": "Job", "evaluator": "Job",
+                     "replay": "StatefulSet", "prometheus": "Deployment",
+                     "grafana": "Deployment"}, kinds
+    for w, lab, spec in _pods(objs):
+        if w["kind"] != "Job":
+            continue
+        assert spec["restartPolicy"] == "OnFailure"
+        assert w["spec"]["backoffLimit"] >= 10                 # crashes resume from checkpoints
+        if _role(lab) == "actor":
+            # No completions: once one actor succeeded (the run finished) no new pod starts.
+            assert "completions" not in w["spec"] and w["spec"]["parallelism"] >= 1
+        else:
+            assert w["spec"]["completions"] == w["spec"]["parallelism"] == 1
+    assert _crl_config(objs).learner.exit_at_budget is True
+    from app.cluster import PINNED_FIELDS
+    assert "learner.exit_at_budget" in PINNED_FIELDS
+
+
+@pytest.mark.parametrize("name", list(T.KUSTOMIZATIONS))
+def test_production_settings(rendered, name):
+    _, objs = rendered[name]
+    pods = {_role(lab): (w, lab, spec) for w, lab, spec in _pods(objs)}
+    # Guaranteed QoS for the learner and replay: requests == limits for every resource.
+    for role in ("learner", "replay"):
+        res = pods[role][2]["containers"][0]["resources"]
+        assert res["requests"] == res["limits"], (name, role, res)
+    # PodDisruptionBudgets (policy/v1) select exactly the replay and learner pods.
+    pdbs = _by_kind(objs, "PodDisruptionBudget")
+    assert {p["apiVersion"] for p in pdbs} == {"policy/v1"}
+    covered = sorted(_role(lab) for p in pdbs for _, lab, _ in _pods(objs)
+                     if _selects(p["spec"]["selector"]["matchLabels"], lab))
+    assert covered == ["learner", "replay"], covered
+    for p in pdbs:       # a budget over a Job's pods takes only an integer minAvailable
+        assert p["spec"]["minAvailable"] == 1 and "maxUnavailable" not in p["spec"], p
+    # PriorityClasses: every crl pod names one that exists; actors rank below learner/replay.
+    classes = {p["metadata"]["name"]: p for p in _by_kind(objs, "PriorityClass")}
+    prio = {}
+    for role in CRL_ROLES:
+        pc = pods[role][2]["priorityClassName"]
+        assert pc in classes, (role, pc)
+        assert classes[pc]["preemptionPolicy"] == "Never"
+        assert not classes[pc].get("globalDefault")
+        prio[role] = classes[pc]["value"]
+    assert prio["actor"] < prio["learner"] and prio["evaluator"] < prio["replay"]
+    # Replay beside the learner (pod affinity on the node), preferred so that it still schedules.
+    aff = pods["replay"][2]["affinity"]["podAffinity"]
+    term = aff["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert _role(term["labelSelector"]["matchLabels"]) == "learner"
+    # The recommended labels on every object and pod; the run is app.kubernetes.io/instance.
+    for o in objs:
+        labels = o["metadata"].get("labels", {})
+        assert labels.get("app.kubernetes.io/part-of") == "crl", o["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/instance") == "crl", o["metadata"]["name"]
+        if o["kind"] not in ("PriorityClass", "Namespace", "ConfigMap"):
+            assert labels.get("app.kubernetes.io/name"), o["metadata"]["name"]
+    for w, lab, _ in _pods(objs):
+        assert lab.get("app.kubernetes.io/instance") == "crl" and lab.get(
+            "app.kubernetes.io/part-of") == "crl", w["metadata"]["name"]
+    # Prometheus keeps its data on a volume claim.
+    prom = pods["prometheus"][2]
+    data = [v for v in prom["volumes"] if v["name"] == "data"][0]
+    _get(objs, "PersistentVolumeClaim", data["persistentVolumeClaim"]["claimName"])
+
+
+def test_job_entrypoint_exits_0_only_when_the_role_ended_by_itself(rendered, tmp_path):
+    """The Jobs' entrypoint (the ConfigMap's script, run as the pods run it): a role that ends
+    by itself passes its code on (0 at the budget: the Job completes; 3, a crash: restarted);
+    a pod stopped by Kubernetes (SIGTERM to the container's PID 1) exits 143 even though the
+    role stops cleanly with 0, so its Job replaces it instead of counting it done."""
+    import os
+    import signal
+    import time
+    _, objs = rendered["cpu"]
+    cm = [o for o in _by_kind(objs, "ConfigMap")
+          if o["metadata"]["name"].startswith("crl-job-entrypoint")][0]
+    for w, lab, spec in _pods(objs):
+        if w["kind"] == "Job":
+            c = spec["containers"][0]
+            path = c["command"][1]
+            mount = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/")][0]
+            vol = [v for v in spec["volumes"] if v["name"] == mount["name"]][0]
+            assert c["command"][0] == "sh" and vol["configMap"]["name"] == cm["metadata"]["name"]
+    script = tmp_path / "job-entrypoint.sh"
+    script.write_text(cm["data"]["job-entrypoint.sh"])
+    # A stand-in `crl` on PATH that behaves as the roles do: SIGTERM -> clean stop, exit 0.
+    (tmp_path / "fake_role.py").write_text(
+        "import pathlib, signal, sys, time\n"
+        "def term(*_):\n"
+        "    pathlib.Path(sys.argv[2]).write_text('terminated')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        "if sys.argv[1] == 'finish': sys.exit(0)\n"
+        "if sys.argv[1] == 'crash': sys.exit(3)\n"
+        "print('serving', flush=True)\n"
+        "time.sleep(60)\n")
+    crl = tmp_path / "bin" / "crl"
+    crl.parent.mkdir()
+    crl.write_text(f'#!/bin/sh\nexec {sys.executable} {tmp_path / "fake_role.py"} "$@"\n')
+    crl.chmod(0o755)
+    env = dict(os.environ, PATH=f"{crl.parent}:{os.environ['PATH']}")
+    marker = tmp_path / "terminated"
+    for mode, code in (("finish", 0), ("crash", 3)):
+        proc = subprocess.run(["sh", str(script), mode, str(marker)], env=env, timeout=60)
+        assert proc.returncode == code, mode
+    proc = subprocess.Popen(["sh", str(script), "serve", str(marker)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.read_text() == "terminated"       # the role got the SIGTERM and stopped

@@ -1,6 +1,8 @@
 """Live: the real roles of `crl local` (replay, learner, evaluator, an actor: separate processes on
 127.0.0.1) scraped by a real Prometheus running k8s/'s scrape jobs (static targets instead of DNS
-discovery) and rules. Every Grafana panel query and every recording rule returns data; every
+discovery; the jobs' run labels namespace=crl, crl_run=crl kept) and rules. Every Grafana panel
+query (with the run selector set to that run; the DCGM GPU panels need the exporter and are left
+out) and every recording rule returns data; every
 alert expression evaluates, and what each alert compares returns data (an alert that does not
 fire returns nothing, so its operands are checked). The ParameterService runs with TLS and a
 token, as in the k8s overlays. The pods' probes, pointed at the local ports, succeed against the
@@ -89,7 +91,7 @@ def live(tmp_path_factory):
             if local.poll() is not None:
                 raise AssertionError(f"crl local exited with {local.returncode}:\n"
                                      + (d / "local.log").read_text()[-3000:])
-            for q in ("crl_learner_metric", "crl_eval_evaluations_total > 0", "crl:utd:rate5m",
+            for q in ("crl_learner_critic_loss", "crl_eval_evaluations_total > 0", "crl:utd:rate5m",
                       "crl:actor_env_steps:rate1m > 0", "crl_actor_params_version > 0",
                       "crl_replay_checkpoints_total > 0"):
                 have[q] = bool(prom.query(q))
@@ -131,12 +133,20 @@ def _wait_all_have_data(prom, exprs, timeout_s=60):
     return errors
 
 
+def _for_run(expr: str) -> str:
+    """A panel query with the dashboard's run selector set to the live run."""
+    return expr.replace("$namespace", "crl").replace("$run", "crl")
+
+
 def test_every_dashboard_query_returns_data(live):
-    queries = T.dashboard_queries()
+    queries = [dict(q, expr=_for_run(q["expr"])) for q in T.dashboard_queries()
+               if "DCGM_" not in q["expr"]]
     assert len(queries) > 40
     errors = _wait_all_have_data(live["prom"], [q["expr"] for q in queries])
     assert not errors, {q["panel"]: (q["expr"], errors[q["expr"]])
                         for q in queries if q["expr"] in errors}
+    # The selector really selects: another run's name returns nothing.
+    assert not live["prom"].query(_for_run(queries[0]["expr"]).replace('"crl"', '"other"'))
 
 
 def test_every_rule_expression_evaluates_and_its_signals_return_data(live):
@@ -177,7 +187,7 @@ def test_probes_of_the_manifests_succeed_against_the_running_roles(live):
                     int(cfg["service"]["params_address"].rpartition(":")[2]): live["ports"]["params"]}
     checked = 0
     for w in objs:
-        if w["kind"] not in ("Deployment", "StatefulSet"):
+        if w["kind"] not in ("Deployment", "StatefulSet", "Job"):
             continue
         role = w["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
         if role not in ROLE_OFFSETS:
@@ -226,3 +236,20 @@ def test_cluster_status_reads_the_metrics_from_prometheus(live):
     text = format_status({"namespace": "crl", "server": "(local)", "workloads": [], "pods": [],
                           "metrics": metrics, "metrics_source": source})
     assert f"params version {metrics['params_version']:.0f}" in text and "UTD 0." in text
+
+
+def test_every_role_scrape_passes_promtool_check_metrics(live):
+    """Prometheus naming conventions on what each role really exports: counters end in _total,
+    durations in _seconds, base units (promtool check metrics lints them)."""
+    problems = {}
+    for role in ROLE_OFFSETS:
+        with urllib.request.urlopen(f"http://127.0.0.1:{live['ports'][role]}/metrics",
+                                    timeout=10) as r:
+            text = r.read()
+        assert b"crl_" in text, role
+        proc = subprocess.run([str(T.tools.promtool()), "check", "metrics"], input=text,
+                              capture_output=True, timeout=60)
+        out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+        if proc.returncode or out:
+            problems[role] = out
+    assert not problems, problems

@@ -226,7 +226,7 @@ def test_metrics(server, client, registry):
     server.publish(small_params(), 5)
     assert registry.get_sample_value("crl_params_version") == 5
     assert registry.get_sample_value("crl_params_payload_bytes") == 67 * 4
-    assert registry.get_sample_value("crl_params_publish_latency_seconds_count") == 1
+    assert registry.get_sample_value("crl_params_publish_duration_seconds_count") == 1
     client.get(min_version=-1)
     client.get(min_version=5)
     with pytest.raises(grpc.RpcError):
