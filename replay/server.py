@@ -79,6 +79,7 @@ import time
 from typing import Dict, List, Optional
 
 from replay import TABLE
+from replay.sampler import MonotonicCount
 
 log = logging.getLogger("crl.replay")
 
@@ -244,6 +245,8 @@ class _Collector:
         with s._lock:
             info, info_t = s._info, s._info_time
             ck = dict(s._ckpt_stats)
+            inserts_total, samples_total = s._inserts.value, s._samples.value
+            count_drops = s._inserts.drops
         seg = s.cfg.unroll_length   # NEW env steps per item (= the segment length when U = T)
 
         def g(name, doc, value):
@@ -271,6 +274,9 @@ class _Collector:
                 s.restored_items)
         yield c("crl_replay_corrupt_checkpoints", "checkpoints found corrupt at start and skipped",
                 len(s.corrupt_checkpoints))
+        yield c("crl_replay_table_count_drops", "times the table's insert count went back (a "
+                "client reset the table); the insert/sample counters continue across them",
+                count_drops)
         if info is None:
             return
         yield g("crl_replay_info_age_seconds", "age of the table snapshot below", time.time() - info_t)
@@ -286,10 +292,11 @@ class _Collector:
         yield g("crl_replay_table_capacity_env_steps", "max env steps", info.max_size * seg)
         yield g("crl_replay_table_unique_sampled_items",
                 "items in the table sampled at least once", info.num_unique_samples)
-        yield c("crl_replay_inserts", "items inserted (rate limiter count; survives restore)",
-                inserts)
-        yield c("crl_replay_inserted_env_steps", "env steps inserted", inserts * seg)
-        yield c("crl_replay_samples", "items sampled (rate limiter count; survives restore)", samples)
+        yield c("crl_replay_inserts", "items inserted (rate limiter count; survives restore; "
+                "never goes back, not even after a client's reset)", inserts_total)
+        yield c("crl_replay_inserted_env_steps", "env steps inserted", inserts_total * seg)
+        yield c("crl_replay_samples", "items sampled (rate limiter count; survives restore; "
+                "never goes back)", samples_total)
         yield g("crl_replay_rate_limiter_samples_per_insert", "samples per insert in force", spi)
         yield g("crl_replay_rate_limiter_min_size_to_sample_items", "items before sampling starts",
                 rl.min_size_to_sample)
@@ -352,6 +359,7 @@ class ReplayServer:
         self._info = None
         self._info_time = 0.0
         self._ckpt_stats = {"count": 0, "failures": 0, "last_duration": 0.0, "last_time": 0.0}
+        self._inserts, self._samples = MonotonicCount(), MonotonicCount()
         self.corrupt_checkpoints: List[str] = []
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         expected_sig = table_signature(state_dim, action_dim, self.segment_length,
@@ -410,8 +418,7 @@ class ReplayServer:
         if expected_items is not None and self.restored_items != expected_items:
             log.warning("replay restored %d items from %s, which holds %d", self.restored_items,
                         self.restored_from, expected_items)
-        with self._lock:
-            self._info, self._info_time = info, time.time()
+        self._record(info)
         log.info("replay server on port %d (table %r, %d items restored from %s)", self.port, TABLE,
                  self.restored_items, self.restored_from or "nothing")
 
@@ -476,8 +483,22 @@ class ReplayServer:
             except Exception as e:   # server busy (checkpoint) or stopping: keep the last snapshot
                 log.debug("replay metrics poll failed: %s", e)
                 continue
-            with self._lock:
-                self._info, self._info_time = info, time.time()
+            self._record(info)
+
+    def _record(self, info) -> None:
+        """Keeps the snapshot; the exported counts never go back (a client's reset() empties
+        the table and sets Reverb's counts to 0: logged and counted)."""
+        rl = info.rate_limiter_info
+        with self._lock:
+            drops = self._inserts.drops
+            self._inserts.update(rl.insert_stats.completed)
+            self._samples.update(rl.sample_stats.completed)
+            self._info, self._info_time = info, time.time()
+            dropped = self._inserts.drops > drops
+        if dropped:
+            log.warning("replay table %r: Reverb's insert count went back to %d (a client reset "
+                        "the table: its items are gone); the exported insert/sample counters "
+                        "continue from %d", TABLE, rl.insert_stats.completed, self._inserts.value)
 
     def _checkpoint_loop(self):
         while not self._stop_event.wait(self.checkpoint_interval_s):
