@@ -168,6 +168,45 @@ def complete_checkpoints(checkpoint_dir: str) -> List[str]:
     return [p for p in paths if os.path.isfile(os.path.join(p, DONE_FILE))]
 
 
+# Reverb names a checkpoint by the local time and, after writing one, deletes every other entry of
+# its directory but the last in name order: after the clock went back (a time-zone change) each
+# new checkpoint was deleted right after it was written. So ReplayServer.checkpoint() first moves
+# the checkpoints there into `<checkpoint_dir>.previous/` (Reverb's directory is then empty and
+# deletes nothing), stamps the new one with a sequence number (SEQUENCE_FILE) and keeps the
+# KEEP_PREVIOUS newest previous ones by that number: the fallbacks of a corrupt newest one.
+SEQUENCE_FILE = "CRL_SEQUENCE"
+KEEP_PREVIOUS = 2
+
+
+def previous_dir(checkpoint_dir: str) -> str:
+    return os.path.normpath(checkpoint_dir) + ".previous"
+
+
+def checkpoint_sequence(path: str) -> int:
+    """The sequence number ReplayServer stamped on a checkpoint; -1 if none (written by Reverb's
+    own checkpoint RPC or an older version: older than any stamped one)."""
+    try:
+        with open(os.path.join(path, SEQUENCE_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1
+
+
+def ordered_checkpoints(checkpoint_dir: str) -> List[str]:
+    """Complete checkpoints in checkpoint_dir and its previous_dir, oldest first by sequence
+    number (then by name), never by time."""
+    paths = (complete_checkpoints(checkpoint_dir)
+             + complete_checkpoints(previous_dir(checkpoint_dir)))
+    return sorted(paths, key=lambda p: (checkpoint_sequence(p), os.path.basename(p)))
+
+
+def _move_into(path: str, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    dest = os.path.join(directory, os.path.basename(path))
+    os.replace(path, dest)
+    return dest
+
+
 def _quarantine(path: str) -> None:
     os.replace(os.path.join(path, DONE_FILE), os.path.join(path, QUARANTINED_DONE_FILE))
 
@@ -380,6 +419,7 @@ class ReplayServer:
 
         expected_items = None
         while True:
+            self._promote_newest_checkpoint()
             candidates = complete_checkpoints(self.checkpoint_dir)
             if candidates and verify_checkpoints:
                 t0 = time.perf_counter()
@@ -414,6 +454,8 @@ class ReplayServer:
             raise
         self.restored_items = int(info.current_size)
         self.restored_from = candidates[-1] if candidates else None
+        self._sequence = max([checkpoint_sequence(p)
+                              for p in ordered_checkpoints(self.checkpoint_dir)] + [0])
         self._check_restored(info, expected_sig)
         if expected_items is not None and self.restored_items != expected_items:
             log.warning("replay restored %d items from %s, which holds %d", self.restored_items,
@@ -474,6 +516,39 @@ class ReplayServer:
                         "which differ from the config: %s. Start from a fresh checkpoint_dir for "
                         "the new settings to apply.", self.restored_from, "; ".join(diffs))
 
+    # -- checkpoint order (see SEQUENCE_FILE) ----------------------------------------------------
+
+    def _promote_newest_checkpoint(self) -> None:
+        """At start: if the newest complete checkpoint by sequence number is a previous one
+        (the newest save failed or was quarantined), move it back where Reverb loads from."""
+        ordered = ordered_checkpoints(self.checkpoint_dir)
+        if not ordered or os.path.dirname(ordered[-1]) == self.checkpoint_dir:
+            return
+        for path in complete_checkpoints(self.checkpoint_dir):
+            _move_into(path, previous_dir(self.checkpoint_dir))
+        log.info("replay: restoring %s, the newest complete checkpoint by sequence number",
+                 _move_into(ordered[-1], self.checkpoint_dir))
+
+    def _archive_checkpoints(self) -> None:
+        """Before a save: complete (and quarantined) checkpoints move to previous_dir, the rest
+        (a save that was interrupted) is deleted, so Reverb's cleanup after the save has
+        nothing to delete."""
+        import shutil
+        for name in os.listdir(self.checkpoint_dir):
+            path = os.path.join(self.checkpoint_dir, name)
+            if any(os.path.isfile(os.path.join(path, f))
+                   for f in (DONE_FILE, QUARANTINED_DONE_FILE)):
+                _move_into(path, previous_dir(self.checkpoint_dir))
+            elif os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _prune_previous(self) -> None:
+        import shutil
+        prev = previous_dir(self.checkpoint_dir)
+        old = sorted(complete_checkpoints(prev), key=lambda p: (checkpoint_sequence(p), p))
+        for path in old[:-KEEP_PREVIOUS]:
+            shutil.rmtree(path, ignore_errors=True)
+
     # -- background threads ---------------------------------------------------------------------
 
     def _poll_loop(self):
@@ -524,7 +599,12 @@ class ReplayServer:
         with self._ckpt_lock:
             t0 = time.perf_counter()
             try:
+                self._archive_checkpoints()
                 path = self._client.checkpoint()
+                self._sequence += 1
+                with open(os.path.join(path, SEQUENCE_FILE), "w") as f:
+                    f.write(f"{self._sequence}\n")
+                self._prune_previous()
             except Exception:
                 with self._lock:
                     self._ckpt_stats["failures"] += 1

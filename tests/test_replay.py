@@ -376,7 +376,8 @@ def test_restore_edge_cases_in_process(tmp_path):
         ReplayServer(cfg, STATE_DIM + 1, ACTION_DIM, free_port(), str(ckpt),
                      checkpoint_interval_s=0)
 
-    # A corrupt complete checkpoint: a clear error, or (default) quarantine and start empty.
+    # A corrupt complete checkpoint: a clear error, or (default) quarantine and restore the
+    # previous one (kept in <dir>.previous, here with the same 3 items).
     with open(os.path.join(good, "chunks.tfrecord"), "r+b") as f:
         f.truncate(10)
     with pytest.raises(CheckpointError, match="cannot be restored"):
@@ -384,7 +385,7 @@ def test_restore_edge_cases_in_process(tmp_path):
                      on_corrupt_checkpoint="error")
     srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
     try:
-        assert srv.restored_items == 0
+        assert srv.restored_items == 3
         assert srv.corrupt_checkpoints == [good]
         assert os.path.isfile(os.path.join(good, "DONE.corrupt"))
         w = new_writer(srv.address)
@@ -402,7 +403,7 @@ def test_restore_edge_cases_in_process(tmp_path):
     srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0,
                        verify_checkpoints=False)
     try:
-        assert srv.restored_items == 0
+        assert srv.restored_items == 3                  # the previous one again
         assert srv.corrupt_checkpoints == [latest]
     finally:
         srv.stop(checkpoint=False)
@@ -570,3 +571,52 @@ def test_counters_never_go_back_when_a_client_resets_the_table(spawn, tmp_path):
                  "crl_replay_inserted_env_steps_total"):
         assert m_before[name] <= m_after_reset[name] <= m_end[name], name
     assert "reset the table" in s1.log()
+
+
+def test_checkpoints_are_kept_and_restored_by_sequence_not_by_clock(tmp_path):
+    """Reverb names checkpoints by the local time and deletes all but the last name after a save:
+    after the clock went back each new checkpoint was deleted at once. Here the existing
+    checkpoint gets a name (and an mtime) from the future, as if written before the clock went
+    back: the new checkpoint survives, the newest by sequence number is restored, and a corrupt
+    newest one falls back to the previous one."""
+    from replay.server import (ReplayServer, checkpoint_sequence, complete_checkpoints,
+                               ordered_checkpoints, previous_dir)
+    cfg = cfg_with()
+    ckpt = tmp_path / "ckpt"
+    srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
+    try:
+        w = new_writer(srv.address)
+        w.write(make_segments([1, 2, 3]))
+        first = srv.checkpoint()
+        future = str(ckpt / "2999-01-01T00:00:00+00:00")      # sorts after any name of today
+        os.rename(first, future)
+        os.utime(future, (4e9, 4e9))
+        w.write(make_segments([4, 5]))
+        w.close()
+        second = srv.checkpoint()
+        assert os.path.isfile(os.path.join(second, "DONE")), "the new checkpoint was deleted"
+        moved = os.path.join(previous_dir(str(ckpt)), os.path.basename(future))
+        assert checkpoint_sequence(second) > checkpoint_sequence(moved) > 0
+    finally:
+        srv.stop(checkpoint=False)
+    assert complete_checkpoints(str(ckpt)) == [second]
+    assert ordered_checkpoints(str(ckpt))[-1] == second
+    assert complete_checkpoints(previous_dir(str(ckpt))) == [moved]   # the fallback is kept
+
+    srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
+    try:
+        assert (srv.restored_from, srv.restored_items) == (second, 5)
+    finally:
+        srv.stop(checkpoint=False)
+
+    with open(os.path.join(second, "chunks.tfrecord"), "r+b") as f:
+        f.truncate(10)                                          # the newest one is corrupt
+    srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
+    try:
+        assert srv.corrupt_checkpoints == [second]
+        assert srv.restored_items == 3                          # the previous one, by sequence
+        third = srv.checkpoint()
+        assert checkpoint_sequence(third) > checkpoint_sequence(second)
+    finally:
+        srv.stop(checkpoint=False)
+    assert ordered_checkpoints(str(ckpt))[-1] == third
