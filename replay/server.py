@@ -48,15 +48,21 @@ Checkpoints
   before `DONE` (e.g. kill -9 mid-save) is skipped, and the previous complete one is still on disk
   because Reverb deletes older checkpoints only after the new `DONE` is written (it keeps 1).
 - Reverb keeps only the newest checkpoint: after writing DONE it deletes every other entry of
-  checkpoint_dir but the last in NAME order (names are local-time timestamps: keep pods in UTC and
-  put nothing else in that directory).
+  checkpoint_dir but the last in NAME order, and names are local-time timestamps (after the clock
+  went back, each new checkpoint was deleted right after it was written). So `checkpoint()`
+  first moves the checkpoints in checkpoint_dir to `<checkpoint_dir>.previous/` (Reverb then has
+  nothing to delete), stamps the new one with a sequence number (SEQUENCE_FILE) and keeps the
+  KEEP_PREVIOUS newest previous ones; at start the newest complete checkpoint BY SEQUENCE NUMBER
+  is moved back into checkpoint_dir if it is not there, and restored. Put nothing else in that
+  directory. (A checkpoint made through Reverb's own checkpoint RPC bypasses this: unstamped, it
+  counts as older than any stamped one.)
 - Damaged checkpoints: some make `reverb.Server(...)` raise RuntimeError ("corrupted record ..."),
   others load SILENTLY with items missing (a chunks/items file cut to a few bytes or at a record
   boundary). So before starting, ReplayServer verifies the newest complete checkpoint
   (`verify_checkpoint`: decodes all records, item count == inserts - deletes stored with the
   table, every referenced chunk present). A bad one is quarantined (its DONE renamed to
   DONE.corrupt, an error logged, crl_replay_corrupt_checkpoints_total counts it) and the start is
-  retried from the next older complete checkpoint or empty (`on_corrupt_checkpoint="fallback"`,
+  retried from the next older complete checkpoint (by sequence number) or empty (`on_corrupt_checkpoint="fallback"`,
   the default), or CheckpointError naming the directory is raised (`"error"`). A Reverb load error
   the verification missed is handled the same way.
 - The restored table keeps the table options stored IN THE CHECKPOINT (signature, max size, rate
@@ -538,7 +544,12 @@ class ReplayServer:
             path = os.path.join(self.checkpoint_dir, name)
             if any(os.path.isfile(os.path.join(path, f))
                    for f in (DONE_FILE, QUARANTINED_DONE_FILE)):
-                _move_into(path, previous_dir(self.checkpoint_dir))
+                try:
+                    _move_into(path, previous_dir(self.checkpoint_dir))
+                except OSError as e:   # e.g. checkpoint_dir is a mount point (EXDEV)
+                    log.error("could not move replay checkpoint %s to %s (%s): Reverb keeps "
+                              "only its newest checkpoint by name until this is fixed", path,
+                              previous_dir(self.checkpoint_dir), e)
             elif os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
 
