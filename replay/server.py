@@ -48,15 +48,21 @@ Checkpoints
   before `DONE` (e.g. kill -9 mid-save) is skipped, and the previous complete one is still on disk
   because Reverb deletes older checkpoints only after the new `DONE` is written (it keeps 1).
 - Reverb keeps only the newest checkpoint: after writing DONE it deletes every other entry of
-  checkpoint_dir but the last in NAME order (names are local-time timestamps: keep pods in UTC and
-  put nothing else in that directory).
+  checkpoint_dir but the last in NAME order, and names are local-time timestamps (after the clock
+  went back, each new checkpoint was deleted right after it was written). So `checkpoint()`
+  first moves the checkpoints in checkpoint_dir to `<checkpoint_dir>.previous/` (Reverb then has
+  nothing to delete), stamps the new one with a sequence number (SEQUENCE_FILE) and keeps the
+  KEEP_PREVIOUS newest previous ones; at start the newest complete checkpoint BY SEQUENCE NUMBER
+  is moved back into checkpoint_dir if it is not there, and restored. Put nothing else in that
+  directory. (A checkpoint made through Reverb's own checkpoint RPC bypasses this: unstamped, it
+  counts as older than any stamped one.)
 - Damaged checkpoints: some make `reverb.Server(...)` raise RuntimeError ("corrupted record ..."),
   others load SILENTLY with items missing (a chunks/items file cut to a few bytes or at a record
   boundary). So before starting, ReplayServer verifies the newest complete checkpoint
   (`verify_checkpoint`: decodes all records, item count == inserts - deletes stored with the
   table, every referenced chunk present). A bad one is quarantined (its DONE renamed to
   DONE.corrupt, an error logged, crl_replay_corrupt_checkpoints_total counts it) and the start is
-  retried from the next older complete checkpoint or empty (`on_corrupt_checkpoint="fallback"`,
+  retried from the next older complete checkpoint (by sequence number) or empty (`on_corrupt_checkpoint="fallback"`,
   the default), or CheckpointError naming the directory is raised (`"error"`). A Reverb load error
   the verification missed is handled the same way.
 - The restored table keeps the table options stored IN THE CHECKPOINT (signature, max size, rate
@@ -79,6 +85,7 @@ import time
 from typing import Dict, List, Optional
 
 from replay import TABLE
+from replay.sampler import MonotonicCount
 
 log = logging.getLogger("crl.replay")
 
@@ -167,6 +174,45 @@ def complete_checkpoints(checkpoint_dir: str) -> List[str]:
     return [p for p in paths if os.path.isfile(os.path.join(p, DONE_FILE))]
 
 
+# Reverb names a checkpoint by the local time and, after writing one, deletes every other entry of
+# its directory but the last in name order: after the clock went back (a time-zone change) each
+# new checkpoint was deleted right after it was written. So ReplayServer.checkpoint() first moves
+# the checkpoints there into `<checkpoint_dir>.previous/` (Reverb's directory is then empty and
+# deletes nothing), stamps the new one with a sequence number (SEQUENCE_FILE) and keeps the
+# KEEP_PREVIOUS newest previous ones by that number: the fallbacks of a corrupt newest one.
+SEQUENCE_FILE = "CRL_SEQUENCE"
+KEEP_PREVIOUS = 2
+
+
+def previous_dir(checkpoint_dir: str) -> str:
+    return os.path.normpath(checkpoint_dir) + ".previous"
+
+
+def checkpoint_sequence(path: str) -> int:
+    """The sequence number ReplayServer stamped on a checkpoint; -1 if none (written by Reverb's
+    own checkpoint RPC or an older version: older than any stamped one)."""
+    try:
+        with open(os.path.join(path, SEQUENCE_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return -1
+
+
+def ordered_checkpoints(checkpoint_dir: str) -> List[str]:
+    """Complete checkpoints in checkpoint_dir and its previous_dir, oldest first by sequence
+    number (then by name), never by time."""
+    paths = (complete_checkpoints(checkpoint_dir)
+             + complete_checkpoints(previous_dir(checkpoint_dir)))
+    return sorted(paths, key=lambda p: (checkpoint_sequence(p), os.path.basename(p)))
+
+
+def _move_into(path: str, directory: str) -> str:
+    os.makedirs(directory, exist_ok=True)
+    dest = os.path.join(directory, os.path.basename(path))
+    os.replace(path, dest)
+    return dest
+
+
 def _quarantine(path: str) -> None:
     os.replace(os.path.join(path, DONE_FILE), os.path.join(path, QUARANTINED_DONE_FILE))
 
@@ -244,6 +290,8 @@ class _Collector:
         with s._lock:
             info, info_t = s._info, s._info_time
             ck = dict(s._ckpt_stats)
+            inserts_total, samples_total = s._inserts.value, s._samples.value
+            count_drops = s._inserts.drops
         seg = s.cfg.unroll_length   # NEW env steps per item (= the segment length when U = T)
 
         def g(name, doc, value):
@@ -271,6 +319,9 @@ class _Collector:
                 s.restored_items)
         yield c("crl_replay_corrupt_checkpoints", "checkpoints found corrupt at start and skipped",
                 len(s.corrupt_checkpoints))
+        yield c("crl_replay_table_count_drops", "times the table's insert count went back (a "
+                "client reset the table); the insert/sample counters continue across them",
+                count_drops)
         if info is None:
             return
         yield g("crl_replay_info_age_seconds", "age of the table snapshot below", time.time() - info_t)
@@ -286,10 +337,11 @@ class _Collector:
         yield g("crl_replay_table_capacity_env_steps", "max env steps", info.max_size * seg)
         yield g("crl_replay_table_unique_sampled_items",
                 "items in the table sampled at least once", info.num_unique_samples)
-        yield c("crl_replay_inserts", "items inserted (rate limiter count; survives restore)",
-                inserts)
-        yield c("crl_replay_inserted_env_steps", "env steps inserted", inserts * seg)
-        yield c("crl_replay_samples", "items sampled (rate limiter count; survives restore)", samples)
+        yield c("crl_replay_inserts", "items inserted (rate limiter count; survives restore; "
+                "never goes back, not even after a client's reset)", inserts_total)
+        yield c("crl_replay_inserted_env_steps", "env steps inserted", inserts_total * seg)
+        yield c("crl_replay_samples", "items sampled (rate limiter count; survives restore; "
+                "never goes back)", samples_total)
         yield g("crl_replay_rate_limiter_samples_per_insert", "samples per insert in force", spi)
         yield g("crl_replay_rate_limiter_min_size_to_sample_items", "items before sampling starts",
                 rl.min_size_to_sample)
@@ -352,6 +404,7 @@ class ReplayServer:
         self._info = None
         self._info_time = 0.0
         self._ckpt_stats = {"count": 0, "failures": 0, "last_duration": 0.0, "last_time": 0.0}
+        self._inserts, self._samples = MonotonicCount(), MonotonicCount()
         self.corrupt_checkpoints: List[str] = []
         os.makedirs(self.checkpoint_dir, exist_ok=True)
         expected_sig = table_signature(state_dim, action_dim, self.segment_length,
@@ -372,6 +425,7 @@ class ReplayServer:
 
         expected_items = None
         while True:
+            self._promote_newest_checkpoint()
             candidates = complete_checkpoints(self.checkpoint_dir)
             if candidates and verify_checkpoints:
                 t0 = time.perf_counter()
@@ -406,12 +460,13 @@ class ReplayServer:
             raise
         self.restored_items = int(info.current_size)
         self.restored_from = candidates[-1] if candidates else None
+        self._sequence = max([checkpoint_sequence(p)
+                              for p in ordered_checkpoints(self.checkpoint_dir)] + [0])
         self._check_restored(info, expected_sig)
         if expected_items is not None and self.restored_items != expected_items:
             log.warning("replay restored %d items from %s, which holds %d", self.restored_items,
                         self.restored_from, expected_items)
-        with self._lock:
-            self._info, self._info_time = info, time.time()
+        self._record(info)
         log.info("replay server on port %d (table %r, %d items restored from %s)", self.port, TABLE,
                  self.restored_items, self.restored_from or "nothing")
 
@@ -467,6 +522,44 @@ class ReplayServer:
                         "which differ from the config: %s. Start from a fresh checkpoint_dir for "
                         "the new settings to apply.", self.restored_from, "; ".join(diffs))
 
+    # -- checkpoint order (see SEQUENCE_FILE) ----------------------------------------------------
+
+    def _promote_newest_checkpoint(self) -> None:
+        """At start: if the newest complete checkpoint by sequence number is a previous one
+        (the newest save failed or was quarantined), move it back where Reverb loads from."""
+        ordered = ordered_checkpoints(self.checkpoint_dir)
+        if not ordered or os.path.dirname(ordered[-1]) == self.checkpoint_dir:
+            return
+        for path in complete_checkpoints(self.checkpoint_dir):
+            _move_into(path, previous_dir(self.checkpoint_dir))
+        log.info("replay: restoring %s, the newest complete checkpoint by sequence number",
+                 _move_into(ordered[-1], self.checkpoint_dir))
+
+    def _archive_checkpoints(self) -> None:
+        """Before a save: complete (and quarantined) checkpoints move to previous_dir, the rest
+        (a save that was interrupted) is deleted, so Reverb's cleanup after the save has
+        nothing to delete."""
+        import shutil
+        for name in os.listdir(self.checkpoint_dir):
+            path = os.path.join(self.checkpoint_dir, name)
+            if any(os.path.isfile(os.path.join(path, f))
+                   for f in (DONE_FILE, QUARANTINED_DONE_FILE)):
+                try:
+                    _move_into(path, previous_dir(self.checkpoint_dir))
+                except OSError as e:   # e.g. checkpoint_dir is a mount point (EXDEV)
+                    log.error("could not move replay checkpoint %s to %s (%s): Reverb keeps "
+                              "only its newest checkpoint by name until this is fixed", path,
+                              previous_dir(self.checkpoint_dir), e)
+            elif os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _prune_previous(self) -> None:
+        import shutil
+        prev = previous_dir(self.checkpoint_dir)
+        old = sorted(complete_checkpoints(prev), key=lambda p: (checkpoint_sequence(p), p))
+        for path in old[:-KEEP_PREVIOUS]:
+            shutil.rmtree(path, ignore_errors=True)
+
     # -- background threads ---------------------------------------------------------------------
 
     def _poll_loop(self):
@@ -476,8 +569,22 @@ class ReplayServer:
             except Exception as e:   # server busy (checkpoint) or stopping: keep the last snapshot
                 log.debug("replay metrics poll failed: %s", e)
                 continue
-            with self._lock:
-                self._info, self._info_time = info, time.time()
+            self._record(info)
+
+    def _record(self, info) -> None:
+        """Keeps the snapshot; the exported counts never go back (a client's reset() empties
+        the table and sets Reverb's counts to 0: logged and counted)."""
+        rl = info.rate_limiter_info
+        with self._lock:
+            drops = self._inserts.drops
+            self._inserts.update(rl.insert_stats.completed)
+            self._samples.update(rl.sample_stats.completed)
+            self._info, self._info_time = info, time.time()
+            dropped = self._inserts.drops > drops
+        if dropped:
+            log.warning("replay table %r: Reverb's insert count went back to %d (a client reset "
+                        "the table: its items are gone); the exported insert/sample counters "
+                        "continue from %d", TABLE, rl.insert_stats.completed, self._inserts.value)
 
     def _checkpoint_loop(self):
         while not self._stop_event.wait(self.checkpoint_interval_s):
@@ -503,7 +610,12 @@ class ReplayServer:
         with self._ckpt_lock:
             t0 = time.perf_counter()
             try:
+                self._archive_checkpoints()
                 path = self._client.checkpoint()
+                self._sequence += 1
+                with open(os.path.join(path, SEQUENCE_FILE), "w") as f:
+                    f.write(f"{self._sequence}\n")
+                self._prune_previous()
             except Exception:
                 with self._lock:
                     self._ckpt_stats["failures"] += 1

@@ -376,7 +376,8 @@ def test_restore_edge_cases_in_process(tmp_path):
         ReplayServer(cfg, STATE_DIM + 1, ACTION_DIM, free_port(), str(ckpt),
                      checkpoint_interval_s=0)
 
-    # A corrupt complete checkpoint: a clear error, or (default) quarantine and start empty.
+    # A corrupt complete checkpoint: a clear error, or (default) quarantine and restore the
+    # previous one (kept in <dir>.previous, here with the same 3 items).
     with open(os.path.join(good, "chunks.tfrecord"), "r+b") as f:
         f.truncate(10)
     with pytest.raises(CheckpointError, match="cannot be restored"):
@@ -384,7 +385,7 @@ def test_restore_edge_cases_in_process(tmp_path):
                      on_corrupt_checkpoint="error")
     srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
     try:
-        assert srv.restored_items == 0
+        assert srv.restored_items == 3
         assert srv.corrupt_checkpoints == [good]
         assert os.path.isfile(os.path.join(good, "DONE.corrupt"))
         w = new_writer(srv.address)
@@ -402,7 +403,7 @@ def test_restore_edge_cases_in_process(tmp_path):
     srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0,
                        verify_checkpoints=False)
     try:
-        assert srv.restored_items == 0
+        assert srv.restored_items == 3                  # the previous one again
         assert srv.corrupt_checkpoints == [latest]
     finally:
         srv.stop(checkpoint=False)
@@ -473,3 +474,149 @@ def test_stream_mode_overlapping_windows_share_cells_and_survive_reconnect(tmp_p
         assert {end for _, end in seen} <= {12, 16, 20, 24}
     finally:
         server.stop(checkpoint=False)
+
+
+def _raw_insert_unchecked(address, items):
+    """What a client that skips Reverb's client-side validation can do: the server stores these
+    whatever their shapes and dtypes (Reverb's server never checks the table signature)."""
+    import reverb
+    client = reverb.Client(address)
+    for item in items:          # one writer each: a writer's column keeps its first dtype
+        with client.trajectory_writer(1, validate_items=False) as tw:
+            tw.append(item)
+            tw.create_item(TABLE, 1.0, {k: tw.history[k][-1] for k in item})
+            tw.flush(timeout_ms=10_000)
+
+
+def test_sampler_quarantines_items_that_do_not_match_the_signature(server):
+    """A wrong-shaped and a wrong-dtype item written by a raw client are stored by the server;
+    the sampler deletes both (by key), counts and logs them, never reports replay unavailable,
+    and every batch it serves holds only the written good segments, intact."""
+    from prometheus_client import REGISTRY
+    from replay import ReplayUnavailable
+    metric = "crl_replay_client_items_quarantined_total"
+    before = REGISTRY.get_sample_value(metric) or 0.0
+    w = new_writer(server.address, timeout_s=2.0)
+    w.write(make_segments([1, 2, 3, 4]))
+    good = {k: make_segments([9])[k][0] for k in FIELDS}
+    wrong_shape = dict(good, state=np.zeros((T, STATE_DIM + 2), np.float32))
+    wrong_dtype = dict(good, state=good["state"].astype(np.float64))
+    _raw_insert_unchecked(server.address, [wrong_shape, wrong_dtype])
+    assert table_size(server.address) == 6           # the server took both
+    written, next_id, seen = {1, 2, 3, 4}, 5, set()
+    s = new_sampler(server.address, 2, timeout_s=2.0)
+    try:
+        deadline = time.monotonic() + 90
+        while s.quarantined < 2 or not seen:
+            assert time.monotonic() < deadline, (s.quarantined, seen)
+            try:
+                seen.update(check_batch(s.sample(), written))
+            except ReplayUnavailable as e:
+                raise AssertionError(f"a bad item was reported as replay unavailable: {e}")
+            except ReplayTimeout:                    # rate limiter: write more good segments
+                try:
+                    w.write(make_segments([next_id]))
+                    written.add(next_id)
+                    next_id += 1
+                except ReplayTimeout:
+                    pass
+        assert s.quarantined == 2
+    finally:
+        s.close()
+        w.close()
+    assert REGISTRY.get_sample_value(metric) - before == 2
+    assert table_size(server.address) == len(written)   # the two bad items are gone
+
+
+def test_monotonic_count_continues_across_drops():
+    from replay.sampler import MonotonicCount
+    c = MonotonicCount()
+    got = [c.update(v) for v in (0, 5, 9, 0, 2, 7, 3, 4)]   # reset to 0, then an older restore
+    assert got == [0, 5, 9, 9, 11, 16, 16, 17] and c.drops == 2
+
+
+def test_counters_never_go_back_when_a_client_resets_the_table(spawn, tmp_path):
+    """A second client's reset() empties the table; replay's exported insert/sample counters and
+    the insert count the learner derives its env steps from keep going up."""
+    import reverb
+    from replay.sampler import InsertCount
+    s1 = spawn(tmp_path / "ckpt")
+    counts = InsertCount(s1.address, timeout_s=5.0)
+    w = new_writer(s1.address, timeout_s=3.0)
+    w.write(make_segments(range(1, 6)))
+    wait_for(lambda: s1.metrics().get("crl_replay_inserts_total") == 5, 15, "5 inserts polled")
+    seen = [counts.read()]
+    assert seen == [5]
+    sampler = new_sampler(s1.address, 2, timeout_s=5.0)
+    try:
+        sampler.sample()
+    finally:
+        sampler.close()
+    samples_before = samples_done(s1.address)
+    wait_for(lambda: s1.metrics()["crl_replay_samples_total"] >= samples_before, 15, "samples")
+    m_before = s1.metrics()
+
+    reverb.Client(s1.address).reset(TABLE)           # a second client
+    assert table_size(s1.address) == 0
+    wait_for(lambda: s1.metrics()["crl_replay_table_count_drops_total"] == 1, 15, "drop seen")
+    seen.append(counts.read())
+    m_after_reset = s1.metrics()
+    w.write(make_segments([6, 7]))
+    wait_for(lambda: s1.metrics()["crl_replay_inserts_total"] == 7, 15, "inserts after reset")
+    seen.append(counts.read())
+    w.close()
+    m_end = s1.metrics()
+    assert seen == [5, 5, 7]                         # never back; new inserts count on
+    for name in ("crl_replay_inserts_total", "crl_replay_samples_total",
+                 "crl_replay_inserted_env_steps_total"):
+        assert m_before[name] <= m_after_reset[name] <= m_end[name], name
+    assert "reset the table" in s1.log()
+
+
+def test_checkpoints_are_kept_and_restored_by_sequence_not_by_clock(tmp_path):
+    """Reverb names checkpoints by the local time and deletes all but the last name after a save:
+    after the clock went back each new checkpoint was deleted at once. Here the existing
+    checkpoint gets a name (and an mtime) from the future, as if written before the clock went
+    back: the new checkpoint survives, the newest by sequence number is restored, and a corrupt
+    newest one falls back to the previous one."""
+    from replay.server import (ReplayServer, checkpoint_sequence, complete_checkpoints,
+                               ordered_checkpoints, previous_dir)
+    cfg = cfg_with()
+    ckpt = tmp_path / "ckpt"
+    srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
+    try:
+        w = new_writer(srv.address)
+        w.write(make_segments([1, 2, 3]))
+        first = srv.checkpoint()
+        future = str(ckpt / "2999-01-01T00:00:00+00:00")      # sorts after any name of today
+        os.rename(first, future)
+        os.utime(future, (4e9, 4e9))
+        w.write(make_segments([4, 5]))
+        w.close()
+        second = srv.checkpoint()
+        assert os.path.isfile(os.path.join(second, "DONE")), "the new checkpoint was deleted"
+        moved = os.path.join(previous_dir(str(ckpt)), os.path.basename(future))
+        assert checkpoint_sequence(second) > checkpoint_sequence(moved) > 0
+    finally:
+        srv.stop(checkpoint=False)
+    assert complete_checkpoints(str(ckpt)) == [second]
+    assert ordered_checkpoints(str(ckpt))[-1] == second
+    assert complete_checkpoints(previous_dir(str(ckpt))) == [moved]   # the fallback is kept
+
+    srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
+    try:
+        assert (srv.restored_from, srv.restored_items) == (second, 5)
+    finally:
+        srv.stop(checkpoint=False)
+
+    with open(os.path.join(second, "chunks.tfrecord"), "r+b") as f:
+        f.truncate(10)                                          # the newest one is corrupt
+    srv = ReplayServer(cfg, STATE_DIM, ACTION_DIM, free_port(), str(ckpt), checkpoint_interval_s=0)
+    try:
+        assert srv.corrupt_checkpoints == [second]
+        assert srv.restored_items == 3                          # the previous one, by sequence
+        third = srv.checkpoint()
+        assert checkpoint_sequence(third) > checkpoint_sequence(second)
+    finally:
+        srv.stop(checkpoint=False)
+    assert ordered_checkpoints(str(ckpt))[-1] == third
