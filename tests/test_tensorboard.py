@@ -39,8 +39,8 @@ def test_crl_train_curves_are_on_env_steps(driver_run):
     assert [s for s, _ in curves["eval/time_at_goal"]] == [r["env_steps"] for r in history]
 
 
-@pytest.mark.skipif(not wandb_sink.installed(), reason="the wandb extra is not installed "
-                    "(uv sync --frozen --extra test --extra wandb)")
+@pytest.mark.skipif(not wandb_sink.installed(), reason="wandb is not installed (uv sync "
+                    "--frozen --extra test, or --extra wandb, installs it)")
 def test_offline_wandb_run_holds_the_same_scalars_at_env_steps(driver_run):
     run_dir, _, _ = driver_run
     (path,) = wandb_sink.offline_runs(str(run_dir))

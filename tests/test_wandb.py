@@ -12,7 +12,7 @@ from crl.tensorboard import ScalarWriter, read_scalars
 
 needs_wandb = pytest.mark.skipif(
     not wandb_sink.installed(),
-    reason="the wandb extra is not installed (uv sync --frozen --extra test --extra wandb)")
+    reason="wandb is not installed (uv sync --frozen --extra test, or --extra wandb, installs it)")
 
 
 @pytest.fixture(autouse=True)
