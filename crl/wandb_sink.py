@@ -30,6 +30,9 @@ def group_name(run_dir: str) -> str:
     return os.path.basename(os.path.normpath(os.path.abspath(run_dir))) or "crl"
 
 
+_open_sinks = 0   # W&B runs of this process not yet closed
+
+
 class WandbSink:
     """add(step, {tag: float}) / flush() / close() onto one W&B run.
 
@@ -40,6 +43,8 @@ class WandbSink:
                  config: Optional[Mapping[str, Any]] = None):
         if mode not in ("offline", "online"):
             raise ValueError(f"W&B mode {mode!r}: use 'offline' or 'online'")
+        if mode == "offline":   # nothing leaves the host, W&B's own crash reports included
+            os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         try:
             import wandb
         except ImportError:
@@ -54,6 +59,8 @@ class WandbSink:
             job_type=role, name=f"{group}-{role}", config=dict(config or {}),
             reinit="create_new", settings=wandb.Settings(console="off"))
         self.dir = self._run.dir   # .../wandb/<offline-run-...>/files
+        global _open_sinks
+        _open_sinks += 1
         self._last_step = -1
         self._warned = False
 
@@ -71,7 +78,15 @@ class WandbSink:
         """Nothing to do: W&B's service writes each row as soon as the next step begins."""
 
     def close(self) -> None:
+        """Finishes the run; the last one of the process also waits for W&B's service to write
+        everything out and exit (finish() alone returns before an offline run's file is
+        written, and a role may leave with os._exit, which skips W&B's own atexit hook)."""
+        global _open_sinks
         self._run.finish()
+        _open_sinks -= 1
+        if _open_sinks == 0:
+            import wandb
+            wandb.teardown()
 
 
 def offline_runs(run_dir: str) -> List[str]:
