@@ -10,6 +10,7 @@ filter: every other line the import prints passes through.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import re
 import sys
@@ -17,14 +18,14 @@ import sys
 _WARP_ABSENT = re.compile(r"^Failed to import (mujoco_)?warp: ")
 
 
-def import_mjx() -> None:
-    """Imports mujoco.mjx once (Brax imports it too); later imports are no-ops."""
-    if "mujoco.mjx" in sys.modules:
+def import_mjx(module: str = "mujoco.mjx") -> None:
+    """Imports `module` (MJX; Brax imports it too) once, without the Warp lines."""
+    if module in sys.modules:
         return
     captured = io.StringIO()
     try:
         with contextlib.redirect_stdout(captured):
-            import mujoco.mjx  # noqa: F401
+            importlib.import_module(module)
     finally:
         for line in captured.getvalue().splitlines(keepends=True):
             if not _WARP_ABSENT.match(line):

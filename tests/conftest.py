@@ -25,7 +25,7 @@ TIERS = {
              "test_placement", "test_tensorboard", "test_dockerfile", "test_presets",
              "test_params_service", "test_bad_input", "test_learner_checkpoint",
              "test_gpu_install", "test_layering", "test_wandb"],
-    "envs": ["test_brax_envs", "test_arm_envs"],
+    "envs": ["test_brax_envs", "test_arm_envs", "test_quiet_mjx"],
     "integration": ["test_replay", "test_actor_role", "test_learner_resume",
                     "test_learner_publisher", "test_evaluator", "test_security", "test_load",
                     "test_launcher", "test_faults_checkpoint", "test_gpu_check"],
