@@ -165,6 +165,12 @@ class GpusConfig:
 class RunConfig:
     run_dir: str = "runs/default"       # config, logs, checkpoints, eval.jsonl of this run
     seed: int = 0                       # seed of the in-process driver and the evaluator
+    # Weights & Biases, beside TensorBoard: the same scalars at step = env steps, one W&B run
+    # per role grouped by the run directory's name. "offline": <run_dir>/wandb, no network
+    # (`wandb sync` uploads later); "online": needs WANDB_API_KEY. Extra: uv sync --extra wandb
+    wandb: Literal["off", "offline", "online"] = "off"
+    wandb_project: str = "crl-scale"    # W&B project of the runs (run.wandb offline or online)
+    wandb_entity: str = ""              # W&B user or team; "" = the API key's default entity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +253,8 @@ def _coerce(name: str, tp, value):
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and ("off" in allowed or "on" in allowed):
+            value = "on" if value else "off"      # YAML 1.1 reads a bare off / on as a boolean
         if value not in allowed:
             raise ConfigError(f"{name}: {value!r} is not allowed; choose one of {list(allowed)}")
         return value
@@ -429,6 +437,25 @@ def _directory_errors(cfg: Config) -> List[str]:
     return errs
 
 
+def _wandb_errors(run: RunConfig) -> List[str]:
+    """run.wandb: W&B names (its project/entity rules) and the installed extra."""
+    if run.wandb == "off":
+        return []
+    errs = []
+    for name, value, may_be_empty in (("wandb_project", run.wandb_project, False),
+                                      ("wandb_entity", run.wandb_entity, True)):
+        if (not value and not may_be_empty) or len(value) > 128 \
+                or any(c in value for c in "/\\#?%: "):
+            errs.append(f"run.{name} = {value!r}: must be a W&B {name[6:]} name (1-128 "
+                        "characters, none of / \\ # ? % : or space)"
+                        + ("; \"\" = the default entity" if may_be_empty else ""))
+    from crl.wandb_sink import INSTALL_HINT, installed
+    if not installed():
+        errs.append(f"run.wandb = {run.wandb!r}: the wandb package is not installed; "
+                    f"{INSTALL_HINT}, or set run.wandb off")
+    return errs
+
+
 def _errors(cfg: Config) -> List[str]:
     from crl.envs import ENV_SPECS
     errs: List[str] = []
@@ -534,6 +561,7 @@ def _errors(cfg: Config) -> List[str]:
                     "[0, 1] (0 = an equal share)")
     errs.extend(_port_errors(cfg))
     errs.extend(_directory_errors(cfg))
+    errs.extend(_wandb_errors(cfg.run))
     for name, value in _leaf_values(cfg):
         if isinstance(value, float) and not math.isfinite(value):
             errs.append(f"{name} = {value}: must be a finite number")

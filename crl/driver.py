@@ -74,7 +74,7 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
         "episode_id": ((T,), jnp.int32)})
 
     actor_state = unroller.reset(k_actor)
-    tb = ScalarWriter(cfg.run.run_dir, "driver") if tensorboard else None
+    tb = ScalarWriter.for_run(cfg, "driver") if tensorboard else None
     env_steps = sgd_calls = 0
     history: List[Dict[str, float]] = []
     eval_interval = cfg.learner.total_env_steps / max(num_evals, 1)

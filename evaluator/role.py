@@ -86,7 +86,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     history = os.path.join(cfg.run.run_dir, "eval.jsonl")
     key = jax.random.PRNGKey(cfg.run.seed + 12345)
     schedule = EvalSchedule(cfg.eval_every_env_steps)
-    tb = ScalarWriter(cfg.run.run_dir, "evaluator")
+    tb = ScalarWriter.for_run(cfg, "evaluator")
     version = seen = -1     # last version evaluated / last version whose progress was read
     while not stop.is_set():
         got = None

@@ -306,7 +306,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
             "offered_calls": counters["update_calls"], "dirty": False, "mode": "train",
             "owed": 0, "ckpt_due": False}
     pending = loop["pending"]   # [(UpdateResult, mean params version of its batch)]
-    tb = ScalarWriter(cfg.run.run_dir, "learner")
+    tb = ScalarWriter.for_run(cfg, "learner")
     curves = {"t": time.monotonic(), "sgd": loop["sgd_steps"]}   # last TensorBoard write
 
     def offer(params) -> None:

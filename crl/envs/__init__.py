@@ -76,6 +76,8 @@ def make_env(name: str, *, far_goals: bool = False, goal_set: str = "train", **o
     spec = ENV_SPECS[name]
     if goal_set not in ("train", "eval"):
         raise ValueError(f"goal_set must be 'train' or 'eval', got {goal_set!r}")
+    from crl.quiet_mjx import import_mjx
+    import_mjx()   # before Brax imports it: without MJX's "Failed to import warp" lines
     module = importlib.import_module(f"crl.envs.{spec.module}")
     kwargs = dict(spec.kwargs)
     if goal_set == "eval":
