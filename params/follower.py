@@ -189,7 +189,7 @@ class PolicyFollower:
         self.failures += 1
         why = self.client.describe(e)
         if why != self._last_error:
-            self.log.warning("params from %s: %s; keeping version %d, retrying every %.1fs",
+            self.log.warning("params from %s: %s; keeping version %d, retrying every %gs",
                              self.address, why, self.version, self.period_s)
             self._last_error = why
         if self.on_error is not None:

@@ -24,7 +24,7 @@ TIERS = {
     "unit": ["test_config", "test_networks", "test_learning", "test_relabel", "test_point_maze",
              "test_placement", "test_tensorboard", "test_dockerfile", "test_presets",
              "test_params_service", "test_bad_input", "test_learner_checkpoint",
-             "test_gpu_install", "test_layering", "test_wandb"],
+             "test_gpu_install", "test_layering", "test_wandb", "test_params_follower"],
     "envs": ["test_brax_envs", "test_arm_envs", "test_quiet_mjx"],
     "integration": ["test_replay", "test_actor_role", "test_learner_resume",
                     "test_learner_publisher", "test_evaluator", "test_security", "test_load",
