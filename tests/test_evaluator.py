@@ -79,14 +79,7 @@ def test_evaluations_on_the_env_step_axis_with_env_and_sgd_steps(tmp_path):
     """A learner stand-in publishes a version every 0.3 s, 500 env steps apart; with
     eval.every_env_steps = 2000 the evaluator evaluates exactly the first version at or past each
     multiple of 2000 it sees, and each row carries that version's env and SGD steps."""
-    overrides = {"env.name": "point_maze_u", "env.episode_length": 100, "eval.num_envs": 4,
-                 "eval.interval_s": 0.05, "eval.every_env_steps": 2000,
-                 "network.actor.width": 32, "network.critic.width": 32,
-                 "run.run_dir": str(tmp_path)}
-    cfg = C.load(overrides=overrides)
-    env = make_env("point_maze_u")
-    nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    actor_params = nets.init(jax.random.PRNGKey(0))[0]
+    overrides, actor_params = maze_every_2000(tmp_path)
     server = ParameterServer("127.0.0.1:0").start()
     log_path = tmp_path / "evaluator.log"
     history = tmp_path / "eval.jsonl"
@@ -126,6 +119,18 @@ def test_evaluations_on_the_env_step_axis_with_env_and_sgd_steps(tmp_path):
     assert sum(e % 2000 == 0 for e in env_steps) >= 2, env_steps
 
 
+def maze_every_2000(run_dir):
+    """(overrides, actor params): a small maze evaluator with points every 2000 env steps."""
+    overrides = {"env.name": "point_maze_u", "env.episode_length": 100, "eval.num_envs": 4,
+                 "eval.interval_s": 0.05, "eval.every_env_steps": 2000,
+                 "network.actor.width": 32, "network.critic.width": 32,
+                 "run.run_dir": str(run_dir)}
+    cfg = C.load(overrides=overrides)
+    env = make_env("point_maze_u")
+    nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
+    return overrides, nets.init(jax.random.PRNGKey(0))[0]
+
+
 def start_evaluator(server, overrides, log_path):
     args = ["evaluate", "--metrics-port", free_port(),
             "--service.params_address", f"127.0.0.1:{server.port}"]
@@ -142,14 +147,7 @@ def test_final_version_is_evaluated_if_a_point_is_owed_then_exit_0(tmp_path, fin
     every 2000 env steps and 0 evaluated, a final version at 2000 owes the point 2000: it is
     evaluated and its row written; at 1000 no point is owed: no row. Either way the evaluator
     logs "run finished at N env steps" and exits 0 by itself (no stop requested)."""
-    overrides = {"env.name": "point_maze_u", "env.episode_length": 100, "eval.num_envs": 4,
-                 "eval.interval_s": 0.05, "eval.every_env_steps": 2000,
-                 "network.actor.width": 32, "network.critic.width": 32,
-                 "run.run_dir": str(tmp_path)}
-    cfg = C.load(overrides=overrides)
-    env = make_env("point_maze_u")
-    nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    actor_params = nets.init(jax.random.PRNGKey(0))[0]
+    overrides, actor_params = maze_every_2000(tmp_path)
     server = ParameterServer("127.0.0.1:0").start()
     log_path = tmp_path / "evaluator.log"
     history = tmp_path / "eval.jsonl"
