@@ -28,6 +28,11 @@ learner is not sampling) or the server is unreachable, `ReplayTimeout` is raised
 hanging. The unconfirmed items stay queued in this writer (they are sent first by the next
 write/flush); `reconnect()` drops them and builds a fresh client and writer. Note (Reverb): after
 a reconnect the old stream may already have delivered some items, so duplicates are possible.
+
+ReconnectingWriter (what actors write through) wraps a SegmentWriter so that it reconnects by
+itself: retries with backoff while replay is down, waits in bounded slices while the rate limiter
+holds inserts, probes replay when flushes stay held, and gives the last writes of a stopping (or
+finished) actor one shared deadline (its docstring).
 """
 from __future__ import annotations
 
