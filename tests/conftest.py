@@ -26,7 +26,7 @@ TIERS = {
              "test_params_service", "test_bad_input", "test_learner_checkpoint",
              "test_gpu_install", "test_layering", "test_wandb", "test_params_follower"],
     "envs": ["test_brax_envs", "test_arm_envs", "test_quiet_mjx"],
-    "integration": ["test_replay", "test_actor_role", "test_learner_resume",
+    "integration": ["test_replay", "test_replay_writer", "test_actor_role", "test_learner_resume",
                     "test_learner_publisher", "test_evaluator", "test_security", "test_load",
                     "test_launcher", "test_faults_checkpoint", "test_gpu_check"],
     "e2e": ["test_local_e2e", "test_local_ant", "test_faults_local", "test_learning_point_maze",
