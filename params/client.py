@@ -53,8 +53,8 @@ _TRANSPORT_CAUSES = (
                              "service.tls_cert set on the learner?)"),
     ("Ssl handshake failed", "TLS handshake failed ({details})"),
     ("Connection refused", "nothing listens there (learner down or restarting)"),
-    ("Socket closed", "the server closed the connection (a TLS server and a plaintext client "
-                      "close it at once: set service.tls_ca)"),
+    ("Socket closed", "the server closed the connection (if the learner serves TLS, this "
+                      "plaintext client must trust it: set service.tls_ca)"),
     ("DNS resolution failed", "the host name does not resolve"),
 )
 
