@@ -8,22 +8,24 @@ of its last T steps (overlapping windows sharing Reverb chunks, replay/writer.py
 item of an env comes after ceil(T / U) unrolls. U = T (the default, 0): disjoint segments.
 
 Thin shell around crl.rollout.Unroller (the same unroll the in-process driver uses):
-  - waits for the first params, then refreshes them in a background thread (never stalls the
-    environment loop on the learner);
+  - follows the learner's params with params.follower.PolicyFollower: waits for the first params,
+    then a background thread refreshes them (never stalls the environment loop on the learner);
   - overlaps the replay write with the envs: JAX dispatches the jitted unroll asynchronously, so
     each iteration dispatches unroll k+1 (with the newest params) and then, while XLA steps the
     envs, writes the segments of unroll k. One unroll is in flight while another is written; every
     unroll is written once, in order, stamped with the params version that generated it;
-  - writes each unroll's segments (one per env) with bounded flushes; while the rate limiter holds
-    inserts (the learner is behind) it waits, which is what keeps the update-to-data ratio (the
-    unroll in flight finishes meanwhile; the next one is dispatched only after the write);
+  - writes each unroll's segments (one per env) through replay.writer.ReconnectingWriter: bounded
+    flushes; while the rate limiter holds inserts (the learner is behind) it waits, which is what
+    keeps the update-to-data ratio (the unroll in flight finishes meanwhile; the next one is
+    dispatched only after the write); it reconnects by itself when replay restarts;
   - survives replay and learner restarts: reconnects with backoff, keeps its last params;
   - on SIGTERM dispatches nothing more, writes the unrolls already dispatched (the one being
     written and the one in flight: nothing stepped is lost), then exits 0. After a stop request
-    those writes share FINAL_FLUSH_S; what replay has not confirmed by then is dropped (counted).
-Every flush is bounded by min(actor.write_timeout_s, FLUSH_SLICE_S) so a stop is noticed soon; a
-flush that timed out is retried as a flush (the items stay queued in the writer), never by
-writing the segments again, which would duplicate them.
+    those writes share replay.writer.FINAL_FLUSH_S; what replay has not confirmed by then is
+    dropped (counted);
+  - on the run's final params (progress finished = 1: the learner reached its budget) does the
+    same as on SIGTERM, logs "run finished at N env steps" (N: the learner's env steps) and exits
+    0. The final params also end a write the rate limiter holds (the learner samples no more).
 """
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
 from crl.networks import CRLNetworks
-from params import ParameterClient, client_from_config, security_from_config
 from crl.rollout import Unroller
+from params import client_from_config, security_from_config
+from params.follower import Policy, PolicyFollower, policy_template
+from replay.writer import ReconnectingWriter
 
 ENV_STEPS = prom.Counter("crl_actor_env_steps_total", "Env steps taken by this actor")
 EPISODES = prom.Counter("crl_actor_episodes_total", "Episodes finished by this actor")
@@ -58,14 +62,15 @@ LAG = prom.Gauge("crl_actor_policy_lag", "Learner params version minus the versi
 #           queued behind unroll k; the actor runs at the unroll's pace); ~0: write-bound.
 #   write : seconds from appending unroll k's segments until replay confirmed them, including
 #           rate-limiter waits and reconnects (unroll k+1 steps meanwhile).
-WRITE_SECONDS = prom.Histogram("crl_actor_write_seconds",
-                               "Seconds to write one unroll's segments until replay confirmed them "
-                               "(overlaps the next unroll; includes rate-limiter waits)",
-                               buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
-UNROLL_SECONDS = prom.Histogram("crl_actor_unroll_seconds",
-                                "Seconds the loop waited for an unroll to finish after writing the "
-                                "previous one (the part of the unroll not hidden by the write)",
+WRITE_DURATION = prom.Histogram("crl_actor_write_duration_seconds",
+                                "Seconds to write one unroll's segments until replay confirmed them "
+                                "(overlaps the next unroll; includes rate-limiter waits)",
                                 buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+UNROLL_DURATION = prom.Histogram("crl_actor_unroll_duration_seconds",
+                                 "Seconds the loop waited for an unroll to finish after writing "
+                                 "the previous one (the part of the unroll not hidden by the "
+                                 "write)",
+                                 buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
 RECONNECTS = prom.Counter("crl_actor_reconnects_total", "Reconnects to replay or learner", ["to"])
 RATE_LIMITED = prom.Counter("crl_actor_rate_limited_total", "Flushes held by the rate limiter")
 TIME_AT_GOAL = prom.Gauge("crl_actor_time_at_goal", "Mean steps at goal per finished episode")
@@ -74,171 +79,6 @@ EPISODE_ID_BASE = prom.Gauge("crl_actor_episode_id_base",
 NEXT_EPISODE_ID = prom.Gauge("crl_actor_next_episode_id", "Next episode id this actor hands out")
 DROPPED = prom.Counter("crl_actor_segments_dropped_total",
                        "Segments not confirmed by replay when the actor stopped")
-
-FLUSH_SLICE_S = 2.0      # longest single flush wait (stop responsiveness)
-PROBE_AFTER_S = 4.0      # flushes held this long: ask replay (1 s bound) whether it is up at all
-FINAL_FLUSH_S = 10.0     # after a stop request: how long the current write may still take
-
-
-class ParamsRefresher:
-    """Background thread that keeps the newest actor params (and their version)."""
-
-    def __init__(self, client: ParameterClient, period_s: float, log):
-        self.client, self.period_s, self.log = client, period_s, log
-        self._lock = threading.Lock()
-        self.version, self.params = -1, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="params-refresh", daemon=True)
-
-    def wait_first(self, stop: threading.Event, timeout_s: float) -> bool:
-        """Blocks until the learner has published once (bounded polls, logged)."""
-        deadline = time.monotonic() + timeout_s
-        backoff = M.Backoff()
-        while not stop.is_set() and time.monotonic() < deadline:
-            if self._fetch():
-                self._thread.start()
-                return True
-            self.log.info("waiting for the first params from %s", self.client.address)
-            stop.wait(backoff.next())
-        return False
-
-    def _fetch(self) -> bool:
-        try:
-            got = self.client.get(min_version=self.version, subset="actor")
-        except Exception as e:   # learner down or restarting: keep the last params
-            code = getattr(e, "code", None)
-            why = code().name if callable(code) else type(e).__name__
-            self.log.warning("params refresh failed (%s); keeping version %d", why, self.version)
-            RECONNECTS.labels(to="learner").inc()
-            return False
-        if got is None:
-            return False
-        version, tree = got
-        params = jax.device_put(tree["actor"])
-        with self._lock:
-            self.version, self.params = version, params
-        LEARNER_VERSION.set(version)
-        return True
-
-    def _run(self):
-        while not self._stop.wait(self.period_s):
-            self._fetch()
-
-    def latest(self):
-        with self._lock:
-            return self.version, self.params
-
-    def stop(self):
-        self._stop.set()
-
-
-def _replay_answers(address: str) -> bool:
-    """True if replay answers a server-info call within 1 s."""
-    import reverb
-    try:
-        reverb.Client(address).server_info(1)
-        return True
-    except Exception:
-        return False
-
-
-class ReplayOutput:
-    """The actor's link to replay: one SegmentWriter, reconnected when replay restarts (it keeps
-    the last unrolls of every env, so a fresh stream's next item is whole again).
-
-    write(segments) returns the number of items replay confirmed (>= 0: in stream mode the first
-    unrolls of a stream make none), waiting (in bounded slices, logged) while replay is down or
-    its rate limiter holds inserts. After a stop request all remaining writes share one deadline,
-    FINAL_FLUSH_S; a write not confirmed by then returns None (the caller counts it as dropped).
-    """
-
-    def __init__(self, cfg: Config, state_dim: int, action_dim: int, stop: threading.Event, log):
-        self.cfg, self.state_dim, self.action_dim = cfg, state_dim, action_dim
-        self.stop, self.log = stop, log
-        self.address = cfg.service.replay_address
-        self.writer = None
-        self.backoff = M.Backoff()
-        self.last_held_log = 0.0
-        self.stop_deadline: Optional[float] = None
-
-    def _new_writer(self):
-        from replay.writer import SegmentWriter
-        return SegmentWriter(self.address, self.cfg,
-                             min(self.cfg.actor.write_timeout_s, FLUSH_SLICE_S),
-                             state_dim=self.state_dim, action_dim=self.action_dim)
-
-    def _drop_writer(self):
-        """Drops the writer's stream; its unconfirmed items are written again on a fresh one."""
-        if self.writer is not None:
-            try:
-                self.writer.reconnect()
-            except Exception:
-                self.writer = None
-
-    def write(self, segments) -> Optional[int]:
-        from replay import ReplayTimeout, ReplayUnavailable
-        queued = False   # appended to the writer, waiting for confirmation: retry as a flush
-        held_since = None
-        last_probe, replay_was_down = 0.0, False
-        while True:
-            if self.stop.is_set():
-                self.stop_deadline = self.stop_deadline or time.monotonic() + FINAL_FLUSH_S
-                if time.monotonic() > self.stop_deadline:
-                    return None
-            try:
-                if self.writer is None:
-                    self.writer = self._new_writer()
-                if queued:
-                    items = self.writer.unconfirmed
-                    self.writer.flush()
-                else:
-                    items = self.writer.write(segments)
-                self.backoff.reset()
-                return items
-            except ReplayTimeout:
-                # Appended and not yet confirmed if the writer got past its server check.
-                queued = self.writer.unconfirmed > 0
-                RATE_LIMITED.inc()
-                now = time.monotonic()
-                held_since = held_since or now
-                if now - held_since >= 10.0 and now - self.last_held_log > 30.0:
-                    self.log.info("replay has held inserts for %.0fs (learner behind or "
-                                  "restarting, or replay busy); still waiting", now - held_since)
-                    self.last_held_log = now
-                # Held by the rate limiter, or is replay gone? Reverb's writer would reconnect by
-                # itself, but only after its own reconnect backoff (~10 s measured): once replay
-                # was seen down and answers again, a fresh writer re-sends the queued segments.
-                if now - held_since >= PROBE_AFTER_S and now - last_probe >= FLUSH_SLICE_S:
-                    last_probe = now
-                    up = _replay_answers(self.address)
-                    if not up and not replay_was_down:
-                        self.log.warning("replay at %s does not answer; waiting for it",
-                                         self.address)
-                    elif up and replay_was_down:
-                        self.log.info("replay answers again; reconnecting the writer (queued "
-                                      "segments are written again)")
-                        RECONNECTS.labels(to="replay").inc()
-                        self._drop_writer()
-                        queued = False
-                    replay_was_down = not up
-            except (ReplayUnavailable, ConnectionError, OSError) as e:
-                RECONNECTS.labels(to="replay").inc()
-                delay = self.backoff.next()
-                self.log.warning("replay unavailable (%s); reconnecting in %.1fs", e, delay)
-                self._drop_writer()
-                queued = False   # unconfirmed items are written again
-                if self.stop.is_set():
-                    time.sleep(min(delay, 0.5))   # stopping: keep trying until the deadline
-                else:
-                    self.stop.wait(delay)
-
-    def close(self):
-        if self.writer is not None:
-            try:
-                self.writer.close()
-            except Exception as e:
-                self.log.warning("closing the writer: %s", e)
-        self.writer = None
 
 
 class Unroll(NamedTuple):
@@ -255,14 +95,29 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
     security = security_from_config(cfg.service)   # fail fast on a missing Secret
     env = make_env(cfg.env.name)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0]}
     unroller = Unroller(env, nets, cfg.env.num_envs, cfg.episode_length)
     E, T, U = cfg.env.num_envs, cfg.segment_length, cfg.unroll_length
 
-    client = client_from_config(cfg, template=template, security=security)
-    refresher = ParamsRefresher(client, cfg.actor.param_refresh_s, log)
-    if not refresher.wait_first(stop, timeout_s=3600.0):
+    # Replay is contacted at the first write; the follower is told about it so that the run's
+    # final params end a write the rate limiter holds (the learner stopped sampling at its budget).
+    replay = ReconnectingWriter(cfg.service.replay_address, cfg, stop,
+                                write_timeout_s=cfg.actor.write_timeout_s, log=log,
+                                state_dim=env.state_dim, action_dim=env.action_size,
+                                on_reconnect=RECONNECTS.labels(to="replay").inc,
+                                on_held=RATE_LIMITED.inc)
+
+    def on_update(policy: Policy) -> None:
+        LEARNER_VERSION.set(policy.version)
+        if policy.finished:
+            replay.final_flush()
+
+    follower = PolicyFollower(
+        client_from_config(cfg, template=policy_template(nets), security=security),
+        cfg.actor.param_refresh_s, log=log, on_update=on_update,
+        on_error=lambda e: RECONNECTS.labels(to="learner").inc())
+    if not follower.wait_first(stop, timeout_s=3600.0):
         log.info("stopped before the first params arrived")
+        follower.close()
         return 0
 
     # Fresh episode ids on every start, so no goal is ever relabelled across a restart.
@@ -273,29 +128,35 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
     EPISODE_ID_BASE.set(id_base)
     NEXT_EPISODE_ID.set(id_base + E)
 
-    replay = ReplayOutput(cfg, env.state_dim, env.action_size, stop, log)
     episodes = success_steps = 0.0
     log.info("stepping %d envs of %s, unrolls of %d steps (policy refreshed at each), windows of "
              "%d steps, episode ids from %d", E, cfg.env.name, U, T, id_base)
     pending: Optional[Unroll] = None   # dispatched in the previous iteration, not yet written
+    finished: Optional[Policy] = None  # the run's final params, once received
     while True:
-        stopping = stop.is_set()
+        policy = follower.latest()
+        if policy.finished and finished is None:
+            # The learner reached its budget: dispatch nothing more, write what is in flight
+            # (sharing the final flush deadline, as after a stop request), exit 0.
+            finished = policy
+            replay.final_flush()
+        stopping = stop.is_set() or finished is not None
         if not stopping:
             # Dispatch the next unroll with the newest params. JAX returns at once: XLA steps the
             # envs on its own threads while this thread writes the previous unroll below.
-            version, params = refresher.latest()
+            version = policy.version
             VERSION.set(version)
-            state, segments, stats = unroller.unroll(state, params, version, length=U)
+            state, segments, stats = unroller.unroll(state, policy.params, version, length=U)
             dispatched = Unroll(version, segments, stats, state.next_episode_id)
         if pending is not None:
             t0 = time.perf_counter()
             jax.block_until_ready(pending.segments)
-            UNROLL_SECONDS.observe(time.perf_counter() - t0)
+            UNROLL_DURATION.observe(time.perf_counter() - t0)
             segments_k = jax.tree_util.tree_map(np.asarray, pending.segments)
             t0 = time.perf_counter()
             items = replay.write(segments_k)
             if items is not None:
-                WRITE_SECONDS.observe(time.perf_counter() - t0)
+                WRITE_DURATION.observe(time.perf_counter() - t0)
                 SEGMENTS.inc(items)
                 ENV_STEPS.inc(E * U)
                 n_ep, n_succ = (float(pending.stats["episodes"]),
@@ -308,18 +169,21 @@ def run(cfg: Config, actor_id: int = 0, stop: Optional[threading.Event] = None, 
             else:
                 DROPPED.inc(E)
                 log.warning("stopping: the %d items of an unroll were not confirmed by replay "
-                            "within %.0fs of the stop; dropped", E, FINAL_FLUSH_S)
+                            "within %.0fs of the stop; dropped", E, replay.final_s)
             NEXT_EPISODE_ID.set(int(pending.next_episode_id))
             # Lag of the params in use (those of the unroll stepping now, the VERSION gauge).
-            LEARNER_VERSION.set(max(version, refresher.version))
-            LAG.set(max(version, refresher.version) - version)
+            LEARNER_VERSION.set(max(version, follower.version))
+            LAG.set(max(version, follower.version) - version)
         if stopping:
             break
         pending = dispatched
-    refresher.stop()
-    client.close()
+    follower.close()
     replay.close()
-    log.info("stopped")
+    if finished is not None:
+        log.info("run finished at %d env steps (params version %d); exiting 0",
+                 finished.progress["env_steps"], finished.version)
+    else:
+        log.info("stopped")
     return 0
 
 

@@ -72,12 +72,14 @@ def params_server(a) -> int:
     import jax
     import numpy as np
     from params import ParameterServer
+    from crl.learning import PROGRESS_KEY, progress_of
     template = actor_template(a.depth, a.width, a.dims)
-    tree = random_tree(template)
+    # As the learner publishes: the actor params and their progress (what actors follow).
+    tree = {**random_tree(template), PROGRESS_KEY: progress_of(0, 0)}
     server = ParameterServer("127.0.0.1:0", max_message_mb=a.max_message_mb).start()
     server.publish(tree, 0)
     nbytes = server._current().total_bytes
-    n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree["actor"])))
     emit(ready=server.port, bytes=nbytes, params=n_params)
     version = 0
     if a.period > 0:
@@ -85,7 +87,7 @@ def params_server(a) -> int:
         watch_stdin(stop)
         while not stop.wait(a.period):
             version += 1
-            tree = jax.tree_util.tree_map(lambda x: x + np.float32(1e-3), tree)
+            tree["actor"] = jax.tree_util.tree_map(lambda x: x + np.float32(1e-3), tree["actor"])
             server.publish(tree, version)
     else:
         for msg in commands():
@@ -120,7 +122,7 @@ def params_client(a) -> int:
         t_got = time.time()
         version = got[0]
         extra = {}
-        if a.device_put:   # what ParamsRefresher does next
+        if a.device_put:   # what PolicyFollower does next
             import jax
             t1 = time.perf_counter()
             jax.block_until_ready(jax.device_put(got[1]["actor"]))

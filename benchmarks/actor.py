@@ -10,7 +10,7 @@ version every 0.5 s, as a learner does) run as separate processes. Both phases s
 policy (the publisher's params; its later versions differ by 1e-3). In this process, in order:
 
   bare     : crl.rollout.Unroller.unroll back to back, one queued ahead (the upper bound)
-  actor    : actors.role.run (the real role: ParamsRefresher thread, SegmentWriter with bounded
+  actor    : actors.role.run (the real role: PolicyFollower thread, SegmentWriter with bounded
              flushes, the write of unroll k overlapped with unroll k+1) in a thread; env steps
              counted from its crl_actor_env_steps_total
   bare     : again, so the ratio uses the mean of the two bare runs around the role run
@@ -62,9 +62,9 @@ def measure_role(run_fn, cfg, window: float, warm_increments: int = 2, timeout_s
         except BaseException as e:   # noqa: BLE001 - reported below
             err.append(e)
 
-    base = {k: sample(k) for k in ("crl_actor_env_steps_total", "crl_actor_unroll_seconds_sum",
-                                   "crl_actor_unroll_seconds_count", "crl_actor_write_seconds_sum",
-                                   "crl_actor_write_seconds_count")}
+    base = {k: sample(k) for k in ("crl_actor_env_steps_total", "crl_actor_unroll_duration_seconds_sum",
+                                   "crl_actor_unroll_duration_seconds_count", "crl_actor_write_duration_seconds_sum",
+                                   "crl_actor_write_duration_seconds_count")}
     th = threading.Thread(target=target, name="actor-role", daemon=True)
     th.start()
     deadline = time.monotonic() + timeout_s
@@ -90,11 +90,11 @@ def measure_role(run_fn, cfg, window: float, warm_increments: int = 2, timeout_s
         th.join(timeout=120)
     (t0, s0, m0), (t1, s1, m1) = marks[warm_increments - 1], marks[-1]
     d = {k: m1[k] - m0[k] for k in base}
-    n_unroll = max(d["crl_actor_unroll_seconds_count"], 1)
-    n_write = max(d["crl_actor_write_seconds_count"], 1)
+    n_unroll = max(d["crl_actor_unroll_duration_seconds_count"], 1)
+    n_write = max(d["crl_actor_write_duration_seconds_count"], 1)
     return {"env_steps_per_s": (s1 - s0) / (t1 - t0), "window_s": t1 - t0,
-            "unroll_wait_s": d["crl_actor_unroll_seconds_sum"] / n_unroll,
-            "write_s": d["crl_actor_write_seconds_sum"] / n_write}
+            "unroll_wait_s": d["crl_actor_unroll_duration_seconds_sum"] / n_unroll,
+            "write_s": d["crl_actor_write_duration_seconds_sum"] / n_write}
 
 
 def measure_bare(unroller, params, state, T: int, window: float):

@@ -15,7 +15,7 @@ Where the time goes (crl local, over the window): the learner loop's wall-time f
 for a sample (crl_learner_wait_seconds_total) and dispatching / waiting for the update
 (crl_learner_compute_seconds_total), the rest being host-side checks, checkpoints and polling;
 the publisher thread's busy fraction (crl_learner_publish_seconds: off the update loop); each actor's fractions in the jitted unroll
-(crl_actor_unroll_seconds) and writing (crl_actor_write_seconds: includes waiting for the rate
+(crl_actor_unroll_duration_seconds) and writing (crl_actor_write_duration_seconds: includes waiting for the rate
 limiter); the replay table's rate-limiter waits; and the CPU seconds each role's process used
 (from /proc), which on 2 cores is the budget they share.
 """
@@ -130,8 +130,8 @@ def run_local(cfg, cfg_path: str, log_path: str, window: float, settle: float,
            "learner_wait_frac": d("learner", "crl_learner_wait_seconds_total") / dt,
            "learner_compute_frac": d("learner", "crl_learner_compute_seconds_total") / dt,
            "learner_publish_frac": d("learner", "crl_learner_publish_seconds_sum") / dt,
-           "actor_unroll_frac": sum(d(x, "crl_actor_unroll_seconds_sum") for x in actors) / dt / len(actors),
-           "actor_write_frac": sum(d(x, "crl_actor_write_seconds_sum") for x in actors) / dt / len(actors),
+           "actor_unroll_frac": sum(d(x, "crl_actor_unroll_duration_seconds_sum") for x in actors) / dt / len(actors),
+           "actor_write_frac": sum(d(x, "crl_actor_write_duration_seconds_sum") for x in actors) / dt / len(actors),
            "actor_rate_limited": sum(d(x, "crl_actor_rate_limited_total") for x in actors),
            "replay_insert_wait_frac": (d("replay", "crl_replay_insert_wait_seconds_total")
                                        or d("replay", "crl_replay_insert_wait_seconds")) / dt,

@@ -1,14 +1,19 @@
 """The evaluator role: deterministic episodes with the newest params, per params version.
 
-Polls the ParameterService every `eval.interval_s`. Every params version carries the learner's
-env steps and SGD steps (subset "progress", crl.learning.progress_of), so evaluations sit on the
-paper's axis: with `eval.every_env_steps` (or `eval.num_evals` over the budget) the evaluator
-evaluates the first version it sees at or past each point k * every (a poll fetches only the
-progress of the newest version, two integers; the actor only when a point is due; points passed
-while an evaluation ran are skipped, and logged); with neither, every new version it finds. An
+Follows the learner's params with params.follower.PolicyFollower (a poll every
+`eval.interval_s`, in the background). Every params version carries the learner's env steps and
+SGD steps (subset "progress", crl.learning.progress_of), so evaluations sit on the paper's axis:
+with `eval.every_env_steps` (or `eval.num_evals` over the budget) the evaluator evaluates the
+first version it holds at or past each point k * every (a poll fetches only the progress of the
+newest version, three integers; the actor only when a point is due; points passed while an
+evaluation ran are skipped, and logged); with neither, every new version it finds. An
 evaluation runs `eval.num_envs` episodes with tanh(mean) actions (crl.rollout.Unroller.evaluate,
 as the driver does), exports time at goal and success, and appends a line to
 <run_dir>/eval.jsonl: params_version, env_steps, sgd_steps, time_at_goal, success, unix_s.
+
+The run's final version (progress finished = 1, the learner reached its budget) is always
+fetched; the evaluator evaluates it if a point is owed (the final point; with no schedule: if it
+is new), writes its row, logs "run finished at N env steps" and exits 0.
 
 An evaluation is one compiled call that can take minutes (long episodes, slow CPUs), and a
 compiled call cannot be interrupted. The evaluator keeps no state (every finished evaluation is
@@ -31,17 +36,17 @@ import prometheus_client as prom
 from crl import metrics as M
 from crl.config import Config
 from crl.envs import make_env
-from crl.learning import PROGRESS_KEY, progress_template
 from crl.networks import CRLNetworks
-from params import client_from_config, security_from_config
 from crl.rollout import Unroller
 from crl.tensorboard import ScalarWriter
+from params import client_from_config, security_from_config
+from params.follower import Policy, PolicyFollower, policy_template
 
 TIME_AT_GOAL = prom.Gauge("crl_eval_time_at_goal", "Mean steps at goal per episode (0..episode length)")
 SUCCESS = prom.Gauge("crl_eval_success", "Fraction of episodes that reached the goal")
 VERSION = prom.Gauge("crl_eval_params_version", "Params version of the last evaluation")
 EVALS = prom.Counter("crl_eval_evaluations_total", "Evaluations run")
-EVAL_SECONDS = prom.Gauge("crl_eval_seconds", "Duration of the last evaluation")
+EVAL_DURATION = prom.Gauge("crl_eval_duration_seconds", "Duration of the last evaluation")
 ENV_STEPS = prom.Gauge("crl_eval_env_steps", "Env steps of the params last evaluated")
 SKIPPED = prom.Counter("crl_eval_points_skipped_total",
                        "Evaluation points passed while an evaluation ran (not evaluated)")
@@ -78,76 +83,86 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     security = security_from_config(cfg.service)   # fail fast on a missing Secret
     env = make_env(cfg.env.name, far_goals=cfg.eval.far_goals, goal_set=cfg.eval.goal_set)
     nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    template = {"actor": jax.eval_shape(nets.init, jax.random.PRNGKey(0))[0],
-                **progress_template()}
     unroller = Unroller(env, nets, cfg.eval.num_envs, cfg.episode_length)
-    client = client_from_config(cfg, template=template, security=security)
     os.makedirs(cfg.run.run_dir, exist_ok=True)
     history = os.path.join(cfg.run.run_dir, "eval.jsonl")
     key = jax.random.PRNGKey(cfg.run.seed + 12345)
     schedule = EvalSchedule(cfg.eval_every_env_steps)
     tb = ScalarWriter.for_run(cfg, "evaluator")
-    version = seen = -1     # last version evaluated / last version whose progress was read
-    while not stop.is_set():
-        got = None
-        try:
-            if schedule.every:   # two integers per poll; the actor only when a point is due
-                head = client.get(min_version=seen, subset=[PROGRESS_KEY])
-                if head is not None:
-                    seen = head[0]
-                    if schedule.due(int(head[1][PROGRESS_KEY]["env_steps"])):
-                        got = client.get(min_version=version, subset=["actor", PROGRESS_KEY])
-            else:
-                got = client.get(min_version=version, subset=["actor", PROGRESS_KEY])
-        except Exception as e:
-            code = getattr(e, "code", None)
-            log.info("no params from %s (%s)", cfg.service.params_address,
-                     code().name if callable(code) else type(e).__name__)
-            got = None
-        if got is not None:
-            version, tree = got
-            seen = max(seen, version)
-            progress = {k: int(v) for k, v in tree[PROGRESS_KEY].items()}
-            t0 = time.perf_counter()
+    # With a schedule a poll reads the progress of the newest version (three integers) and
+    # fetches the actor params only when a point is due (or the run finished).
+    follower = PolicyFollower(
+        client_from_config(cfg, template=policy_template(nets), security=security),
+        cfg.eval.interval_s, log=log,
+        wanted=(lambda progress: schedule.due(progress["env_steps"])) if schedule.every else None)
+    follower.start()
+    evaluated = -1          # the last version evaluated
+    while True:
+        policy = follower.latest()
+        if (policy is not None and policy.version > evaluated
+                and schedule.due(policy.progress["env_steps"])):
+            evaluated = policy.version
             key, k = jax.random.split(key)   # fresh episodes for each version
-            log.info("evaluating version %d (env_steps=%d, sgd_steps=%d)", version,
-                     progress["env_steps"], progress["sgd_steps"])
-            result = _evaluate_unless_stopped(unroller, k, tree["actor"], stop)
-            if result is None:
+            row = _evaluate(unroller, k, policy, stop, log)
+            if row is None:
                 log.info("stop requested during the evaluation of version %d: abandoned (nothing "
-                         "to save; earlier evaluations are in %s); exiting 0", version, history)
-                client.close()
+                         "to save; earlier evaluations are in %s); exiting 0", policy.version,
+                         history)
+                follower.close()
                 tb.close()
                 logging.shutdown()
                 os._exit(0)
-            row = {"params_version": version, "env_steps": progress["env_steps"],
-                   "sgd_steps": progress["sgd_steps"], "time_at_goal": result["time_at_goal"],
-                   "success": result["success"], "unix_s": time.time(),
-                   "eval_s": round(time.perf_counter() - t0, 3)}
-            EVAL_SECONDS.set(row["eval_s"])
-            TIME_AT_GOAL.set(row["time_at_goal"])
-            SUCCESS.set(row["success"])
-            VERSION.set(version)
-            ENV_STEPS.set(row["env_steps"])
-            EVALS.inc()
-            with open(history, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tb.write(row["env_steps"], {k: row[k] for k in ("time_at_goal", "success",
-                                                            "sgd_steps", "params_version",
-                                                            "eval_s")}, "eval/")
-            tb.flush()   # rare rows; an abandoned evaluation exits at once
+            _record(row, history, tb)
             skipped = schedule.evaluated(row["env_steps"])
             if skipped:
                 SKIPPED.inc(skipped)
                 log.warning("%d evaluation point(s) of every %d env steps passed while evaluating "
                             "(evaluations are slower than training: lower eval.num_envs or raise "
                             "eval.every_env_steps)", skipped, schedule.every)
-            log.info("version %d at %d env steps: time_at_goal=%.1f success=%.2f", version,
-                     row["env_steps"], row["time_at_goal"], row["success"])
-        stop.wait(cfg.eval.interval_s)
-    client.close()
+        if policy is not None and policy.finished:
+            # The run's final version (evaluated above if a point was owed): nothing follows.
+            log.info("run finished at %d env steps (params version %d); exiting 0",
+                     policy.progress["env_steps"], policy.version)
+            break
+        if stop.wait(cfg.eval.interval_s):
+            break
+    follower.close()
     tb.close()
     return 0
+
+
+def _evaluate(unroller: Unroller, key, policy: Policy, stop: threading.Event,
+              log) -> Optional[dict]:
+    """The eval.jsonl row of one policy; None if `stop` was set before the evaluation ended."""
+    progress = policy.progress
+    log.info("evaluating version %d (env_steps=%d, sgd_steps=%d)", policy.version,
+             progress["env_steps"], progress["sgd_steps"])
+    t0 = time.perf_counter()
+    result = _evaluate_unless_stopped(unroller, key, policy.params, stop)
+    if result is None:
+        return None
+    row = {"params_version": policy.version, "env_steps": progress["env_steps"],
+           "sgd_steps": progress["sgd_steps"], "time_at_goal": result["time_at_goal"],
+           "success": result["success"], "unix_s": time.time(),
+           "eval_s": round(time.perf_counter() - t0, 3)}
+    log.info("version %d at %d env steps: time_at_goal=%.1f success=%.2f", policy.version,
+             row["env_steps"], row["time_at_goal"], row["success"])
+    return row
+
+
+def _record(row: dict, history: str, tb: ScalarWriter) -> None:
+    """Exports one evaluation: metrics, a line of eval.jsonl, TensorBoard scalars."""
+    EVAL_DURATION.set(row["eval_s"])
+    TIME_AT_GOAL.set(row["time_at_goal"])
+    SUCCESS.set(row["success"])
+    VERSION.set(row["params_version"])
+    ENV_STEPS.set(row["env_steps"])
+    EVALS.inc()
+    with open(history, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    tb.write(row["env_steps"], {k: row[k] for k in ("time_at_goal", "success", "sgd_steps",
+                                                    "params_version", "eval_s")}, "eval/")
+    tb.flush()   # rare rows; an abandoned evaluation exits at once
 
 
 def _evaluate_unless_stopped(unroller: Unroller, key, actor_params,

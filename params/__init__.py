@@ -12,6 +12,10 @@ Small, Acme-style interface over gRPC (protos/params.proto); no JAX in the wire 
     client.health()                                    # {"serving": True, "version": 7, ...}
     client.wait_for_version(-1, deadline_s=60.0)       # first params, polling with backoff
 
+Actors and the evaluator follow the params through params.follower.PolicyFollower: the template
+(actor params + progress), a background refresh with a deadline on every RPC (newest version
+wins), one form for RPC errors (describe_error: "CODE: cause"), and the run's final version.
+
 Wire format. The pytree is flattened with `jax.tree_util.tree_flatten_with_path` into named leaves
 ("actor/trunk/blocks_0/kernel": dict keys, sequence indices and attribute names joined by "/"),
 each stored as C-contiguous little-endian bytes, concatenated in flatten order. `publish`
@@ -51,7 +55,7 @@ names (a Kubernetes Secret mounts them), raising ConfigError naming the field if
 Protocol version: requests carry `protocol_version` (PROTOCOL_VERSION); a client newer than the
 server gets FAILED_PRECONDITION naming both versions; 0 (unset) reads as 1.
 """
-from params.client import ParameterClient
+from params.client import ParameterClient, describe_error
 from params.security import (
                              Security,
                              check_token,
@@ -74,8 +78,20 @@ from params.wire import (
                              specs_of,
 )
 
+# The follower needs crl.learning (optax, flax: seconds to import), which the launcher and the
+# cluster commands do not: loaded on first use (PEP 562).
+_FOLLOWER = ("Policy", "PolicyFollower", "policy_template")
+
+
+def __getattr__(name: str):
+    if name in _FOLLOWER:
+        from params import follower
+        return getattr(follower, name)
+    raise AttributeError(f"module 'params' has no attribute {name!r}")
+
+
 __all__ = ["ALL", "PROTOCOL_VERSION", "WIRE_DTYPES", "ParameterClient", "ParameterServer",
-           "ParamsIntegrityError", "ParamsMismatchError", "Security", "check_token",
-           "client_from_config", "first_difference", "flatten", "normalize_subset",
-           "read_secret_file", "security_from_config", "server_from_config", "signature_hash",
-           "specs_of"]
+           "ParamsIntegrityError", "ParamsMismatchError", "Policy", "PolicyFollower", "Security",
+           "check_token", "client_from_config", "describe_error", "first_difference", "flatten",
+           "normalize_subset", "policy_template", "read_secret_file", "security_from_config",
+           "server_from_config", "signature_hash", "specs_of"]

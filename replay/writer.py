@@ -28,6 +28,11 @@ learner is not sampling) or the server is unreachable, `ReplayTimeout` is raised
 hanging. The unconfirmed items stay queued in this writer (they are sent first by the next
 write/flush); `reconnect()` drops them and builds a fresh client and writer. Note (Reverb): after
 a reconnect the old stream may already have delivered some items, so duplicates are possible.
+
+ReconnectingWriter (what actors write through) wraps a SegmentWriter so that it reconnects by
+itself: retries with backoff while replay is down, waits in bounded slices while the rate limiter
+holds inserts, probes replay when flushes stay held, and gives the last writes of a stopping (or
+finished) actor one shared deadline (its docstring).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -351,3 +356,148 @@ class SegmentWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconnecting by itself: what an actor writes through.
+
+FLUSH_SLICE_S = 2.0      # longest single flush wait (stop responsiveness)
+PROBE_AFTER_S = 4.0      # flushes held this long: ask replay (1 s bound) whether it is up at all
+FINAL_FLUSH_S = 10.0     # after a stop request: how long the remaining writes may still take
+
+
+def replay_answers(address: str, timeout_s: int = 1) -> bool:
+    """True if replay answers a server-info call within timeout_s."""
+    import reverb
+    try:
+        reverb.Client(address).server_info(timeout_s)
+        return True
+    except Exception:
+        return False
+
+
+class ReconnectingWriter:
+    """A SegmentWriter that survives replay restarts: write() returns once replay confirmed the
+    segments, reconnecting by itself (crl.metrics.Backoff) while replay is down.
+
+    ReconnectingWriter(address, cfg, stop, write_timeout_s=..., state_dim=..., action_dim=...)
+    (the SegmentWriter arguments, plus `stop`). Each flush waits at most
+    min(write_timeout_s, FLUSH_SLICE_S), so a stop request is noticed soon; a flush that timed out
+    is retried as a flush (the items stay queued in the writer), never by writing the segments
+    again, which would duplicate them. While the rate limiter holds inserts (the learner is
+    behind) write() waits, in those slices, logged: that wait is what keeps the update-to-data
+    ratio. Held for PROBE_AFTER_S, it asks replay whether it answers at all: Reverb's writer
+    reconnects by itself only after its own backoff (~10 s measured), so once replay was seen
+    down and answers again, a fresh stream re-sends the unconfirmed segments (in stream mode the
+    SegmentWriter primes it with each env's last unrolls, so the next item is whole again).
+
+    write(segments) returns the number of items replay confirmed (>= 0: in stream mode the first
+    unrolls of a stream make none). After `stop` is set, or after final_flush() was called, all
+    remaining writes share one deadline, final_s (default FINAL_FLUSH_S); a write not confirmed by then returns None (the
+    caller counts it as dropped).
+
+    Counters: `reconnects` (fresh streams after replay was unreachable) and `held` (flushes held
+    by the rate limiter or an unanswering replay); on_reconnect() / on_held() are called as each
+    grows (the actor's metrics).
+    """
+
+    def __init__(self, address: str, cfg_or_spec: Any, stop, *, write_timeout_s: float = 30.0,
+                 final_s: Optional[float] = None, log=None,
+                 on_reconnect: Optional[Callable[[], None]] = None,
+                 on_held: Optional[Callable[[], None]] = None, **writer_kwargs):
+        from crl.metrics import Backoff
+        self.address, self.stop = address, stop
+        self.log = log or logging.getLogger("crl.replay.writer")
+        self.final_s = float(FINAL_FLUSH_S if final_s is None else final_s)
+        self._new_writer = lambda: SegmentWriter(address, cfg_or_spec,
+                                                 min(write_timeout_s, FLUSH_SLICE_S),
+                                                 **writer_kwargs)
+        self.writer: Optional[SegmentWriter] = None
+        self.backoff = Backoff()
+        self.reconnects = self.held = 0
+        self.on_reconnect, self.on_held = on_reconnect, on_held
+        self._last_held_log = 0.0
+        self._final_deadline: Optional[float] = None
+
+    def final_flush(self) -> None:
+        """From now on the remaining writes share final_s (as after a stop request)."""
+        if self._final_deadline is None:
+            self._final_deadline = time.monotonic() + self.final_s
+
+    def _past_final_deadline(self) -> bool:
+        if self.stop.is_set():
+            self.final_flush()
+        return self._final_deadline is not None and time.monotonic() > self._final_deadline
+
+    def _reconnected(self) -> None:
+        self.reconnects += 1
+        if self.on_reconnect is not None:
+            self.on_reconnect()
+
+    def _drop_stream(self) -> None:
+        """Drops the writer's stream; its unconfirmed items are written again on a fresh one."""
+        if self.writer is not None:
+            try:
+                self.writer.reconnect()
+            except Exception:
+                self.writer = None
+
+    def write(self, segments) -> Optional[int]:
+        queued = False   # appended to the writer, waiting for confirmation: retry as a flush
+        held_since = None
+        last_probe, replay_was_down = 0.0, False
+        while not self._past_final_deadline():
+            try:
+                if self.writer is None:
+                    self.writer = self._new_writer()
+                if queued:
+                    items = self.writer.unconfirmed
+                    self.writer.flush()
+                else:
+                    items = self.writer.write(segments)
+                self.backoff.reset()
+                return items
+            except ReplayTimeout:
+                # Appended and not yet confirmed if the writer got past its server check.
+                queued = self.writer.unconfirmed > 0
+                self.held += 1
+                if self.on_held is not None:
+                    self.on_held()
+                now = time.monotonic()
+                held_since = held_since or now
+                if now - held_since >= 10.0 and now - self._last_held_log > 30.0:
+                    self.log.info("replay has held inserts for %.0fs (learner behind or "
+                                  "restarting, or replay busy); still waiting", now - held_since)
+                    self._last_held_log = now
+                if now - held_since >= PROBE_AFTER_S and now - last_probe >= FLUSH_SLICE_S:
+                    last_probe = now
+                    up = replay_answers(self.address)
+                    if not up and not replay_was_down:
+                        self.log.warning("replay at %s does not answer; waiting for it",
+                                         self.address)
+                    elif up and replay_was_down:
+                        self.log.info("replay answers again; reconnecting the writer (queued "
+                                      "segments are written again)")
+                        self._reconnected()
+                        self._drop_stream()
+                        queued = False
+                    replay_was_down = not up
+            except (ReplayUnavailable, ConnectionError, OSError) as e:
+                self._reconnected()
+                delay = self.backoff.next()
+                self.log.warning("replay unavailable (%s); reconnecting in %.1fs", e, delay)
+                self._drop_stream()
+                queued = False   # unconfirmed items are written again
+                if self.stop.is_set() or self._final_deadline is not None:
+                    time.sleep(min(delay, 0.5))   # finishing: keep trying until the deadline
+                else:
+                    self.stop.wait(delay)
+        return None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as e:
+                self.log.warning("closing the writer: %s", e)
+        self.writer = None

@@ -12,6 +12,7 @@ a write (the unroll stepping meanwhile must still be written).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from crl import config as config_lib
+from crl.learning import PROGRESS_KEY, progress_of
 from replay.writer import SegmentWriter   # the real one (each run patches a recording subclass in)
 
 E, T = 4, 10                  # envs per actor, steps per segment
@@ -27,14 +29,15 @@ STOP_AT = 7                   # stop after this many dispatches / writes
 PUBLISH_EVERY = 2             # a new params version after every 2nd dispatch
 
 
-def params_of_version(actor_params, v: int):
-    """Actor params whose every action is ~tanh(action_mean(v)): the action tells the version."""
+def params_of_version(actor_params, v: int, finished: bool = False):
+    """Actor params whose every action is ~tanh(action_mean(v)): the action tells the version.
+    With the progress every version carries (the learner's: env steps 100 * v)."""
     p = dict(actor_params)
     p["mean"] = {"kernel": np.zeros_like(p["mean"]["kernel"]),
                  "bias": np.full_like(p["mean"]["bias"], action_mean(v))}
     p["log_std"] = {"kernel": np.zeros_like(p["log_std"]["kernel"]),       # std = exp(-5)
                     "bias": np.full_like(p["log_std"]["bias"], -100.0)}
-    return {"actor": p}
+    return {"actor": p, PROGRESS_KEY: progress_of(100 * v, 10 * v, finished)}
 
 
 def action_mean(v: int) -> float:
@@ -98,14 +101,10 @@ def run_actor(stack, monkeypatch, stop_during: str):
     stop = threading.Event()
     dispatched, written = [], []      # params version per dispatch; numpy segments per write
 
-    def publish_next():
-        """A new version, and wait (bounded) until the actor's refresher holds it."""
-        v = params_server.version + 1
-        params_server.publish(params_of_version(actor_params, v), v)
-        deadline = time.monotonic() + 30
-        while metric("crl_actor_learner_params_version") < v:
-            assert time.monotonic() < deadline, "the refresher did not pick up a new version"
-            time.sleep(0.01)
+    def publish_next(finished: bool = False):
+        """A new version, and wait (bounded) until the actor's follower holds it."""
+        publish_and_wait(params_server, params_of_version(actor_params, params_server.version + 1,
+                                                         finished))
 
     class CountingUnroller(Unroller):
         def __init__(self, *a, **k):
@@ -117,6 +116,8 @@ def run_actor(stack, monkeypatch, stop_during: str):
                 dispatched.append(version)
                 if stop_during == "dispatch" and len(dispatched) == STOP_AT:
                     stop.set()                        # the unroll just dispatched is in flight
+                elif stop_during == "finish" and len(dispatched) == STOP_AT:
+                    publish_next(finished=True)       # the learner's final version: no stop set
                 elif len(dispatched) % PUBLISH_EVERY == 0:
                     publish_next()
                 return out
@@ -138,17 +139,40 @@ def run_actor(stack, monkeypatch, stop_during: str):
     before = {k: metric(k) for k in ("crl_actor_segments_written_total",
                                      "crl_actor_segments_dropped_total",
                                      "crl_actor_env_steps_total",
-                                     "crl_actor_unroll_seconds_count",
-                                     "crl_actor_write_seconds_count")}
+                                     "crl_actor_unroll_duration_seconds_count",
+                                     "crl_actor_write_duration_seconds_count")}
+    log = RecordingLog(f"test-actor-{stop_during}")
     result = []
-    th = threading.Thread(target=lambda: result.append(role.run(cfg, 0, stop)), daemon=True)
+    th = threading.Thread(target=lambda: result.append(role.run(cfg, 0, stop, log)), daemon=True)
     th.start()
     th.join(timeout=300)
     assert not th.is_alive(), "the actor loop did not stop"
     delta = {k: metric(k) - v for k, v in before.items()}
     return {"rc": result[0], "dispatched": dispatched, "written": written, "delta": delta,
-            "stored": replay_size(replay) - size_before,
-            "id_base": metric("crl_actor_episode_id_base"), "version_at_start": dispatched[0]}
+            "stored": replay_size(replay) - size_before, "stop_set": stop.is_set(),
+            "log": log.lines, "id_base": metric("crl_actor_episode_id_base"),
+            "version_at_start": dispatched[0]}
+
+
+def publish_and_wait(params_server, params):
+    """Publishes the next version and waits (bounded) until the actor's follower holds it."""
+    v = params_server.version + 1
+    params_server.publish(params, v)
+    deadline = time.monotonic() + 30
+    while metric("crl_actor_learner_params_version") < v:
+        assert time.monotonic() < deadline, "the follower did not pick up a new version"
+        time.sleep(0.01)
+
+
+class RecordingLog(logging.Logger):
+    """A logger that keeps its formatted messages (the role logs to it)."""
+
+    def __init__(self, name: str):
+        super().__init__(name, logging.INFO)
+        self.lines: list = []
+        handler = logging.Handler()
+        handler.emit = lambda record: self.lines.append(record.getMessage())
+        self.addHandler(handler)
 
 
 def replay_size(replay) -> int:
@@ -168,7 +192,7 @@ def check_run(r):
     assert d["crl_actor_segments_written_total"] == n * E
     assert d["crl_actor_segments_dropped_total"] == 0
     assert d["crl_actor_env_steps_total"] == n * E * T
-    assert d["crl_actor_unroll_seconds_count"] == n and d["crl_actor_write_seconds_count"] == n
+    assert d["crl_actor_unroll_duration_seconds_count"] == n and d["crl_actor_write_duration_seconds_count"] == n
     # Write i is dispatch i: every step carries the version that dispatch stepped with, and the
     # versions follow the publishing schedule (a new one after every PUBLISH_EVERY dispatches).
     v0 = r["version_at_start"]
@@ -212,3 +236,64 @@ def test_overlapped_loop_writes_every_unroll_once_with_its_version(stack, monkey
     for sample in client.sample(TABLE, num_samples=16, emit_timesteps=False,
                                 unpack_as_table_signature=True):
         assert content(sample.data) in written
+
+
+@pytest.mark.timeout(300)
+def test_final_params_end_the_actor_after_it_wrote_what_it_stepped(stack, monkeypatch):
+    """Contract B: the learner's final version (progress finished = 1) ends the actor by itself:
+    nothing more is dispatched, every unroll dispatched is written (the one in flight included),
+    "run finished at N env steps" (the learner's N) is logged, exit 0. No stop was requested."""
+    _, _, params_server, _ = stack
+    r = run_actor(stack, monkeypatch, "finish")
+    check_run(r)
+    assert not r["stop_set"]
+    assert len(r["dispatched"]) == STOP_AT, r["dispatched"]   # none after the final version
+    final_env_steps = 100 * params_server.version               # params_of_version's progress
+    assert f"run finished at {final_env_steps} env steps" in "\n".join(r["log"]), r["log"][-5:]
+
+
+@pytest.mark.timeout(300)
+def test_final_params_end_a_write_the_rate_limiter_holds(stack, monkeypatch, tmp_path):
+    """At its budget the learner samples no more, so replay's rate limiter holds the actor's
+    writes for good. The final version must still end the actor: the held write gets the final
+    flush deadline (shortened here), what replay did not confirm is dropped and counted, exit 0."""
+    from actors import role
+    from crl.envs import make_env
+    from helpers import free_port
+    from replay import writer as writer_mod
+    from replay.server import ReplayServer
+
+    cfg, _, params_server, actor_params = stack
+    monkeypatch.setattr(writer_mod, "FINAL_FLUSH_S", 1.0)
+    port = free_port()
+    held_cfg = config_lib.override(cfg, {"service.replay_address": f"127.0.0.1:{port}",
+                                         "replay.utd_tolerance": 0.1})
+    env = make_env(ENV)
+    # A closed rate limiter (the stack's is open): with no learner sampling, inserts are held
+    # after about one write.
+    held = ReplayServer(held_cfg, env.state_dim, env.action_size, port, str(tmp_path),
+                        checkpoint_interval_s=0)
+    stop, log, result = threading.Event(), RecordingLog("test-actor-held"), []
+    th = threading.Thread(target=lambda: result.append(role.run(held_cfg, 0, stop, log)),
+                          daemon=True)
+    try:
+        v = params_server.version + 1
+        params_server.publish(params_of_version(actor_params, v), v)     # a run still going
+        held_before = metric("crl_actor_rate_limited_total")
+        dropped_before = metric("crl_actor_segments_dropped_total")
+        th.start()
+        deadline = time.monotonic() + 120
+        while metric("crl_actor_rate_limited_total") < held_before + 1:   # a write is held
+            assert th.is_alive() and time.monotonic() < deadline, "replay never held a write"
+            time.sleep(0.05)
+        publish_and_wait(params_server, params_of_version(actor_params, v + 1, finished=True))
+        th.join(timeout=60)
+        assert not th.is_alive(), "the final params did not end a held write"
+    finally:
+        stop.set()
+        if th.ident is not None:
+            th.join(timeout=60)
+        held.stop()
+    assert result == [0]
+    assert "\n".join(log.lines).count(f"run finished at {100 * (v + 1)} env steps") == 1
+    assert metric("crl_actor_segments_dropped_total") - dropped_before >= E   # counted, not lost

@@ -15,6 +15,7 @@ import signal
 import time
 
 import jax
+import pytest
 
 from crl import config as C
 from crl.envs import make_env
@@ -40,11 +41,7 @@ def test_sigterm_during_a_long_evaluation_exits_0_at_once(tmp_path):
     proc = None
     try:
         server.publish({"actor": actor_params, PROGRESS_KEY: progress_of(0, 0)}, 0)
-        args = ["evaluate", "--metrics-port", free_port(),
-                "--service.params_address", f"127.0.0.1:{server.port}"]
-        for k, v in overrides.items():
-            args += [f"--{k}", v]
-        proc = start_role(args, log_path)
+        proc = start_evaluator(server, overrides, log_path)
         wait_for(lambda: "evaluating version 0" in log_path.read_text() or proc.poll() is not None,
                  300, "the evaluator to start evaluating version 0")
         assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -82,14 +79,7 @@ def test_evaluations_on_the_env_step_axis_with_env_and_sgd_steps(tmp_path):
     """A learner stand-in publishes a version every 0.3 s, 500 env steps apart; with
     eval.every_env_steps = 2000 the evaluator evaluates exactly the first version at or past each
     multiple of 2000 it sees, and each row carries that version's env and SGD steps."""
-    overrides = {"env.name": "point_maze_u", "env.episode_length": 100, "eval.num_envs": 4,
-                 "eval.interval_s": 0.05, "eval.every_env_steps": 2000,
-                 "network.actor.width": 32, "network.critic.width": 32,
-                 "run.run_dir": str(tmp_path)}
-    cfg = C.load(overrides=overrides)
-    env = make_env("point_maze_u")
-    nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
-    actor_params = nets.init(jax.random.PRNGKey(0))[0]
+    overrides, actor_params = maze_every_2000(tmp_path)
     server = ParameterServer("127.0.0.1:0").start()
     log_path = tmp_path / "evaluator.log"
     history = tmp_path / "eval.jsonl"
@@ -98,11 +88,7 @@ def test_evaluations_on_the_env_step_axis_with_env_and_sgd_steps(tmp_path):
     try:
         server.publish({"actor": actor_params, PROGRESS_KEY: progress_of(0, 0)}, 0)
         published[0] = (0, 0)
-        args = ["evaluate", "--metrics-port", free_port(),
-                "--service.params_address", f"127.0.0.1:{server.port}"]
-        for k, v in overrides.items():
-            args += [f"--{k}", v]
-        proc = start_role(args, log_path)
+        proc = start_evaluator(server, overrides, log_path)
         wait_for(lambda: history.exists() or proc.poll() is not None, 240,
                  "the first evaluation")
         assert proc.poll() is None, log_path.read_text()[-3000:]
@@ -131,3 +117,57 @@ def test_evaluations_on_the_env_step_axis_with_env_and_sgd_steps(tmp_path):
     # The first version at or past its point, unless the evaluator was still busy at that point
     # (then a later one; the point is logged as skipped only when it was passed over entirely).
     assert sum(e % 2000 == 0 for e in env_steps) >= 2, env_steps
+
+
+def maze_every_2000(run_dir):
+    """(overrides, actor params): a small maze evaluator with points every 2000 env steps."""
+    overrides = {"env.name": "point_maze_u", "env.episode_length": 100, "eval.num_envs": 4,
+                 "eval.interval_s": 0.05, "eval.every_env_steps": 2000,
+                 "network.actor.width": 32, "network.critic.width": 32,
+                 "run.run_dir": str(run_dir)}
+    cfg = C.load(overrides=overrides)
+    env = make_env("point_maze_u")
+    nets = CRLNetworks(cfg.network, env.state_dim, env.action_size, env.goal_dim)
+    return overrides, nets.init(jax.random.PRNGKey(0))[0]
+
+
+def start_evaluator(server, overrides, log_path):
+    args = ["evaluate", "--metrics-port", free_port(),
+            "--service.params_address", f"127.0.0.1:{server.port}"]
+    for k, v in overrides.items():
+        args += [f"--{k}", v]
+    return start_role(args, log_path)
+
+
+@pytest.mark.parametrize("final_env_steps, evaluated", [(2000, [0, 2000]), (1000, [0])],
+                         ids=["point-owed", "no-point-owed"])
+def test_final_version_is_evaluated_if_a_point_is_owed_then_exit_0(tmp_path, final_env_steps,
+                                                                    evaluated):
+    """Contract B: the learner publishes its final version (progress finished = 1). With points
+    every 2000 env steps and 0 evaluated, a final version at 2000 owes the point 2000: it is
+    evaluated and its row written; at 1000 no point is owed: no row. Either way the evaluator
+    logs "run finished at N env steps" and exits 0 by itself (no stop requested)."""
+    overrides, actor_params = maze_every_2000(tmp_path)
+    server = ParameterServer("127.0.0.1:0").start()
+    log_path = tmp_path / "evaluator.log"
+    history = tmp_path / "eval.jsonl"
+    proc = rc = None
+    try:
+        server.publish({"actor": actor_params, PROGRESS_KEY: progress_of(0, 0)}, 0)
+        proc = start_evaluator(server, overrides, log_path)
+        wait_for(lambda: history.exists() or proc.poll() is not None, 240, "the first evaluation")
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        server.publish({"actor": actor_params,
+                        PROGRESS_KEY: progress_of(final_env_steps, 30, finished=True)}, 1)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            stop_process(proc)
+        server.stop(None)
+    log = log_path.read_text()
+    assert rc == 0, log[-3000:]
+    assert f"run finished at {final_env_steps} env steps (params version 1)" in log, log[-3000:]
+    rows = [json.loads(l) for l in history.read_text().splitlines()]
+    assert [r["env_steps"] for r in rows] == evaluated
+    assert [r["params_version"] for r in rows] == list(range(len(evaluated)))
+    assert all("time_at_goal" in r and "success" in r for r in rows)

@@ -485,7 +485,7 @@ def scenario(tmp_path_factory):
             v_before = max(v for _, v in mon.versions)
             sgd_before = mon.last("learner", "crl_learner_sgd_steps")
             steps_before = {a: mon.last(a, "crl_actor_env_steps_total", 0) for a in ("actor0", "actor1")}
-            unrolls_before = {a: mon.last(a, "crl_actor_unroll_seconds_count", 0)
+            unrolls_before = {a: mon.last(a, "crl_actor_unroll_duration_seconds_count", 0)
                               for a in ("actor0", "actor1")}
             limited_before = {a: mon.last(a, "crl_actor_rate_limited_total", 0)
                               for a in ("actor0", "actor1")}
@@ -504,7 +504,7 @@ def scenario(tmp_path_factory):
             r["first_version_after"] = min(v for t, v in mon.versions if t > t_kill + 1.0)
             r["steps_during_downtime"] = {a: mon.last(a, "crl_actor_env_steps_total", 0) - steps_before[a]
                                           for a in steps_before}
-            r["unrolls_during_downtime"] = {a: mon.last(a, "crl_actor_unroll_seconds_count", 0)
+            r["unrolls_during_downtime"] = {a: mon.last(a, "crl_actor_unroll_duration_seconds_count", 0)
                                             - unrolls_before[a] for a in unrolls_before}
             r["rate_limited_during_downtime"] = {
                 a: mon.last(a, "crl_actor_rate_limited_total", 0) - limited_before[a]

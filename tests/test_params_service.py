@@ -274,6 +274,28 @@ def test_dead_address_fails_within_timeout():
                                       grpc.StatusCode.UNAVAILABLE)
 
 
+def test_a_stream_after_the_server_stopped_fails_within_the_deadline(registry):
+    """A learner that stopped serving (or died) after a client's fetch: the next GetParams
+    fails within its deadline. With gRPC's default channel thread it hung for good (grpcio
+    1.62), ignoring the deadline and cancel(): the client reads streams on its own thread."""
+    address = f"127.0.0.1:{_free_port()}"
+    s = ParameterServer(address, registry=registry).start()
+    s.publish(small_params(), 1)
+    with ParameterClient(address, timeout_s=1.0) as c:
+        assert c.get()[0] == 1
+        s.stop(None)
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                c.get()
+            assert time.monotonic() - t0 < 3.0
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED)
+        with ParameterClient(address, timeout_s=1.0) as fresh:   # a new channel alike
+            with pytest.raises(grpc.RpcError):
+                fresh.get()
+
+
 def test_wait_for_version(server, client):
     with pytest.raises(TimeoutError, match="version 0"):
         t0 = time.monotonic()
