@@ -55,7 +55,9 @@ def probe(args) -> int:
         stub = params_pb2_grpc.ParameterServiceStub(channel)
         reply = stub.Health(params_pb2.HealthRequest(), timeout=args.timeout)
     except grpc.RpcError as e:
-        print(f"params {address}: {e.code().name}: {e.details()}", file=sys.stderr)
+        from params.client import describe_error   # the one form of a params RPC error
+        print(f"params {address}: {describe_error(e, address, args.timeout, tls=bool(tls))}",
+              file=sys.stderr)
         return 1
     finally:
         channel.close()
