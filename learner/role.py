@@ -144,9 +144,10 @@ def version_skip(cfg: Config) -> int:
 def _restore(cfg: Config, updater: Updater, checkpointer: LearnerCheckpointer,
              log) -> Tuple[LoopState, bool]:
     """(the loop's state at start, restored?): the newest checkpoint's (restored into
-    `updater`) or a fresh one. Params versions never go backwards or repeat: versions assigned after that checkpoint
-    are lost with the crash, so a restart skips past all of them (version_skip), and past those
-    of a previous start that crashed before its first checkpoint (the floor file)."""
+    `updater`) or a fresh one. Params versions never go backwards or repeat: versions assigned
+    after that checkpoint are lost with the crash, so a restart skips past all of them
+    (version_skip), and past those of a previous start that crashed before its first
+    checkpoint (the floor file)."""
     skip = version_skip(cfg)
     floor = checkpointer.version_floor()
     restored = checkpointer.restore(updater.host_state())
