@@ -210,7 +210,7 @@ def progress_line(scraped: Dict[str, Dict[str, float]], actors: List[str], t: fl
     env_steps = sum(_get(scraped.get(a, {}), "crl_actor_env_steps_total", 0.0) for a in actors)
     versions = [int(_get(scraped.get(a, {}), "crl_actor_params_version", -1)) for a in actors]
     return (f"[local {t:6.0f}s] env_steps={env_steps:,.0f} "
-            f"sgd_steps={_get(learner, 'crl_learner_sgd_steps', 0):,.0f} "
+            f"sgd_steps={_get(learner, 'crl_learner_sgd_steps_total', 0):,.0f} "
             f"utd={_get(learner, 'crl_learner_utd'):.4f}/{_get(learner, 'crl_learner_utd_target'):.4f} "
             f"version={_get(learner, 'crl_learner_params_version', -1):.0f} "
             f"actor_versions={versions} lag={_get(learner, 'crl_learner_policy_lag'):.1f} "
@@ -375,8 +375,8 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
             final = None
         if final is not None:
             lm = scraped.setdefault("learner", {})
-            for metric, key in (("crl_learner_utd", "utd"), ("crl_learner_sgd_steps", "sgd_steps"),
-                                ("crl_learner_env_steps", "env_steps"),
+            for metric, key in (("crl_learner_utd", "utd"), ("crl_learner_sgd_steps_total", "sgd_steps"),
+                                ("crl_learner_env_steps_total", "env_steps"),
                                 ("crl_learner_params_version", "params_version")):
                 if final.get(key) is not None:
                     lm[metric] = final[key]

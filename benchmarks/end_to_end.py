@@ -14,7 +14,7 @@ drift of the machine's load shows). Rates are steady-state:
 Where the time goes (crl local, over the window): the learner loop's wall-time fractions waiting
 for a sample (crl_learner_wait_seconds_total) and dispatching / waiting for the update
 (crl_learner_compute_seconds_total), the rest being host-side checks, checkpoints and polling;
-the publisher thread's busy fraction (crl_learner_publish_seconds: off the update loop); each actor's fractions in the jitted unroll
+the publisher thread's busy fraction (crl_learner_publish_duration_seconds: off the update loop); each actor's fractions in the jitted unroll
 (crl_actor_unroll_duration_seconds) and writing (crl_actor_write_duration_seconds: includes waiting for the rate
 limiter); the replay table's rate-limiter waits; and the CPU seconds each role's process used
 (from /proc), which on 2 cores is the budget they share.
@@ -104,7 +104,7 @@ def run_local(cfg, cfg_path: str, log_path: str, window: float, settle: float,
 
         def running():
             s = snapshot()
-            ok = (s["learner"].get("crl_learner_sgd_steps", 0) > 0 and
+            ok = (s["learner"].get("crl_learner_sgd_steps_total", 0) > 0 and
                   all(s[a].get("crl_actor_env_steps_total", 0) > 0 for a in actors))
             return s if ok else None
 
@@ -124,12 +124,12 @@ def run_local(cfg, cfg_path: str, log_path: str, window: float, settle: float,
         return b[role].get(name, 0.0) - a[role].get(name, 0.0)
 
     env = sum(d(x, "crl_actor_env_steps_total") for x in actors)
-    sgd = d("learner", "crl_learner_sgd_steps")
+    sgd = d("learner", "crl_learner_sgd_steps_total")
     out = {"env_steps_per_s": env / dt, "sgd_steps_per_s": sgd / dt, "window_s": dt,
            "utd": sgd / max(env, 1), "startup_s": startup_s,
            "learner_wait_frac": d("learner", "crl_learner_wait_seconds_total") / dt,
            "learner_compute_frac": d("learner", "crl_learner_compute_seconds_total") / dt,
-           "learner_publish_frac": d("learner", "crl_learner_publish_seconds_sum") / dt,
+           "learner_publish_frac": d("learner", "crl_learner_publish_duration_seconds_sum") / dt,
            "actor_unroll_frac": sum(d(x, "crl_actor_unroll_duration_seconds_sum") for x in actors) / dt / len(actors),
            "actor_write_frac": sum(d(x, "crl_actor_write_duration_seconds_sum") for x in actors) / dt / len(actors),
            "actor_rate_limited": sum(d(x, "crl_actor_rate_limited_total") for x in actors),

@@ -222,7 +222,7 @@ def local_run(minutes: float, tiny: bool, workdir: str) -> Dict:
             except Exception:   # noqa: BLE001 - roles still starting
                 continue
             samples.append((time.monotonic(), m["actor0"].get("crl_actor_env_steps_total", 0.0),
-                            m["learner"].get("crl_learner_sgd_steps", 0.0),
+                            m["learner"].get("crl_learner_sgd_steps_total", 0.0),
                             m["learner"].get("crl_learner_utd", float("nan"))))
     finally:
         common.stop_process(proc, timeout_s=60)

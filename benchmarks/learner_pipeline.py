@@ -12,9 +12,11 @@ three ways, interleaved in rounds so the machine's load hits all three alike:
   device   : update(segments already on the device)  -- the upper bound
   pipeline : batch = SegmentSampler.sample(); update(batch.data)  -- sampling, transfer and
              relabelling in series with the compute
-  role     : the learner role's loop (learner/role.py): call k+1 dispatched with
-             Updater.update_async before call k is read, params snapshots handed to the
-             background ParamsPublisher (learner/publisher.py), at most every --publish-interval
+  role     : the learner role's own loop object (learner/loop.py LearnerLoop, stepped): call
+             k+1 dispatched with Updater.update_async before call k is read, the non-finite row
+             filter on every batch, params snapshots handed to the background ParamsPublisher
+             (learner/publisher.py) at most every --publish-interval and publish_every calls
+             apart; no checkpoints (checkpoint_every past the phase) and no replay polling
 
 Figures: SGD steps/s of each, ratio pipeline / device (the issue's target, >= 0.9), ratio role /
 device, the fraction of the pipeline's time spent waiting for a batch, the sampler's own rate
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
                 updater.update(b.data)
             return time.perf_counter() - t0, wait
 
-        role_loop = RoleLoop(updater, sampler, server, version, a.publish_interval)
+        role_loop = RoleLoop(cfg, updater, sampler, server, version[0], a.publish_interval)
 
         print(f"{'round':>5} {'device SGD/s':>12} {'pipeline SGD/s':>14} {'role SGD/s':>10} "
               f"{'ratio':>6} {'ratio role':>10} {'wait %':>6}", flush=True)
@@ -163,7 +165,7 @@ def main(argv=None) -> int:
             print(f"{r:>5} {per['device'][-1]:>12.2f} {per['pipeline'][-1]:>14.2f} "
                   f"{per['role'][-1]:>10.2f} {ratios[-1]:>6.2f} {ratios_role[-1]:>10.2f} "
                   f"{100 * waits[-1]:>6.1f}", flush=True)
-        role_loop.close()
+        version[0] = role_loop.close()
         # One synchronous publish of actor + critic, timed alone (the role does it off the loop).
         pubs = []
         for _ in range(3):
@@ -210,53 +212,48 @@ def main(argv=None) -> int:
 
 
 class RoleLoop:
-    """The learner role's loop (learner/role.py), without replay polling, checkpoints and
-    metrics: sample, device_put, dispatch call k+1 (Updater.update_async, with a params snapshot
-    when the publisher thread wants one), then read call k and hand its snapshot to the
-    ParamsPublisher (learner/publisher.py), which publishes at most every `interval_s`."""
+    """The learner role's loop (learner/loop.py LearnerLoop) stepped over the benchmark's sampler
+    and a ParamsPublisher on the benchmark's server: no checkpoints, no replay polling (the
+    budget is out of reach), no TensorBoard."""
 
-    def __init__(self, updater, sampler, server, version, interval_s: float):
+    def __init__(self, cfg, updater, sampler, server, version: int, interval_s: float):
+        import dataclasses
         import logging
-        from learner.publisher import ParamsPublisher
-        self.updater, self.sampler, self.version = updater, sampler, version
-        self.publisher = ParamsPublisher(server, interval_s, logging.getLogger("bench")).start()
-
-    def phase(self, calls: int, warm: int):
         import jax
-        device = jax.local_devices()[0]
-        pending = []
+        from learner.loop import LearnerLoop, LoopSettings, LoopState
+        from learner.publisher import ParamsPublisher
+        log = logging.getLogger("bench")
+        self.publisher = ParamsPublisher(server, interval_s, log).start()
+        settings = dataclasses.replace(LoopSettings.from_config(cfg), checkpoint_every=10**9,
+                                       total_env_steps=10**18, sample_timeout_s=60.0)
+        self.loop = LearnerLoop(settings, updater, lambda: sampler, self.publisher,
+                                checkpointer=None, log=log, device=jax.local_devices()[0],
+                                state=LoopState(params_version=version,
+                                                sgd_steps=updater.sgd_steps))
 
-        def settle():
-            r = pending.pop(0)
-            bool(r.finite)
-            {k: float(v) for k, v in r.metrics.items()}
-            if r.params is not None:
-                self.version[0] += 1
-                self.publisher.offer(self.version[0], r.params)
-        t0 = None
-        for i in range(warm + calls):
-            if i == warm:
-                while pending:
-                    settle()
-                t0 = time.perf_counter()
-            b = self.sampler.sample()
-            data = jax.device_put({k: b.data[k] for k in ("state", "action", "episode_id")},
-                                  device)
-            snap = self.publisher.wants() and not any(r.params is not None for r in pending)
-            pending.append(self.updater.update_async(data, snapshot=snap))
-            while len(pending) > 1:
-                settle()
-        while pending:
-            settle()
+    def phase(self, calls: int, warm: int) -> float:
+        """Seconds the loop takes for `calls` update calls (dispatched and settled), after
+        `warm` calls that fill the pipeline."""
+        s = self.loop.state
+        for n in (warm, calls):   # the last pass is the timed one
+            self.loop.drain()
+            t0 = time.perf_counter()
+            target = s.update_calls + n
+            while s.update_calls + len(s.pending) < target:
+                self.loop.step()
+            self.loop.drain()
         dt = time.perf_counter() - t0
         while not self.publisher.idle():   # before other phases publish newer versions
             time.sleep(0.01)
         return dt
 
-    def close(self):
+    def close(self) -> int:
+        """Stops the publisher (the offer it had not taken is published); returns the newest
+        version."""
         left = self.publisher.stop()
         if left is not None:
             self.publisher.publish_now(*left)
+        return self.loop.state.params_version
 
 
 if __name__ == "__main__":

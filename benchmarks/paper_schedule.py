@@ -69,7 +69,7 @@ def main(argv=None) -> int:
                 info = client.server_info(5)[TABLE].rate_limiter_info
             except Exception:   # replay still starting
                 continue
-            sgd = m.get("crl_learner_sgd_steps", 0.0)
+            sgd = m.get("crl_learner_sgd_steps_total", 0.0)
             points.append((time.monotonic(), sgd, int(info.insert_stats.completed),
                            int(info.sample_stats.completed)))
             if sgd > 0 and t_first is None:

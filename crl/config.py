@@ -103,6 +103,9 @@ class LearnerConfig:
     # or with False keeps serving those params until SIGTERM (a Kubernetes Deployment would
     # otherwise restart a learner that exited).
     exit_at_budget: bool = True
+    # With exit_at_budget: seconds the finished learner keeps serving its final params (progress
+    # finished=1) before it exits 0, so actors and the evaluator see that the run finished.
+    finish_grace_s: float = 30.0
     seed: int = 0                       # PRNG key of the networks' init and the updates
 
 
@@ -522,6 +525,9 @@ def _errors(cfg: Config) -> List[str]:
     if not 0.0 <= l.publish_interval_s < float("inf"):    # also catches NaN
         errs.append(f"learner.publish_interval_s = {l.publish_interval_s}: must be a finite "
                     "number >= 0")
+    if not 0.0 <= l.finish_grace_s < float("inf"):        # also catches NaN
+        errs.append(f"learner.finish_grace_s = {l.finish_grace_s}: must be a finite number of "
+                    "seconds >= 0 (how long a finished learner serves its final params)")
 
     positive("eval.num_envs", cfg.eval.num_envs)
     positive("eval.interval_s", cfg.eval.interval_s)

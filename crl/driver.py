@@ -3,7 +3,10 @@
 env unroll -> on-device segment store -> relabel + update (compiled) -> evaluate. Used by tests
 and for single-device debugging; the distributed roles call the same Unroller and Updater, so
 nothing of the algorithm exists twice. The update-to-data ratio is counted like the Reverb rate
-limiter counts it: gradient steps per env step inserted after the prefill (replay.min_size_steps).
+limiter counts it: gradient steps per env step inserted after the prefill (replay.min_size_steps),
+by the rule the learner role uses too (crl.learning.update_calls_owed). The learner role's loop
+(learner/loop.py) adds what only a distributed learner needs (pipelined calls, a publisher thread,
+checkpoints and rollbacks, the budget's end); this driver keeps the synchronous form.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 
 from crl.config import Config
 from crl.envs import make_env
-from crl.learning import Updater
+from crl.learning import Updater, update_calls_owed
 from crl.rollout import Unroller
 from crl.tensorboard import ScalarWriter
 
@@ -106,8 +109,10 @@ def train(cfg: Config, *, num_evals: int = 10, log: Optional[Callable[[str], Non
         actor_state, segments, _ = unroller.unroll(actor_state, params, sgd_calls, length=T)
         store.insert(segments)
         env_steps += cfg.env.num_envs * T
-        owed = cfg.replay.utd * (env_steps - cfg.replay.min_size_steps)
-        while owed >= (sgd_calls + 1) * cfg.learner.minibatches_per_call:
+        owed = update_calls_owed(env_steps, sgd_calls * cfg.learner.minibatches_per_call,
+                                 prefill_steps=cfg.replay.min_size_steps, utd=cfg.replay.utd,
+                                 minibatches_per_call=cfg.learner.minibatches_per_call)
+        for _ in range(owed):
             k_sample, k = jax.random.split(k_sample)
             metrics = updater.update(store.sample(k, cfg.learner.segments_per_call))
             sgd_calls += 1

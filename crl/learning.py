@@ -12,6 +12,7 @@ representations are all-gathered so every device sees the full B x B logits of i
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 import jax
@@ -235,6 +236,31 @@ def copy_tree(tree):
 def params_of(state: TrainState) -> Dict[str, Any]:
     """{"actor", "critic"}: the params the learner publishes."""
     return {"actor": state.actor_params, "critic": state.critic_params}
+
+
+# The update-to-data ratio, counted as the Reverb rate limiter counts it: SGD steps per env step
+# inserted after the prefill (replay.min_size_steps). The in-process driver and the learner both
+# decide how many update calls to run from this one rule.
+
+def sgd_steps_owed(env_steps: int, prefill_steps: int, utd: float) -> float:
+    """SGD steps the run owes for `env_steps` received: utd x (env_steps - prefill), >= 0."""
+    return utd * max(0, env_steps - prefill_steps)
+
+
+def update_calls_owed(env_steps: int, sgd_steps: int, *, prefill_steps: int, utd: float,
+                      minibatches_per_call: int) -> int:
+    """Whole update calls (of `minibatches_per_call` SGD steps) still owed after `sgd_steps`:
+    floor((utd x (env_steps - prefill) - sgd_steps) / minibatches_per_call), >= 0. The 1e-9
+    absorbs float rounding of utd x steps (0.2 x 800 = 160.00000000000003 must owe 160, and
+    0.1 x 30 = 3.0000000000000004 likewise: never a call short or one over)."""
+    owed = sgd_steps_owed(env_steps, prefill_steps, utd) - sgd_steps
+    return max(0, int(math.floor(owed / minibatches_per_call + 1e-9)))
+
+
+def measured_utd(sgd_steps: int, env_steps: int, prefill_steps: int) -> Optional[float]:
+    """SGD steps per env step received after the prefill; None before the prefill is done."""
+    after = env_steps - prefill_steps
+    return sgd_steps / after if after > 0 else None
 
 
 # Published beside the params of every version (subset "progress"): where on the paper's axes

@@ -96,7 +96,7 @@ def test_sigkill_mid_save_restores_the_newest_complete_step(tmp_path):
 def test_nonfinite_batch_rows_and_param_check():
     import jax.numpy as jnp
     from crl.learning import all_finite
-    from learner.role import _nonfinite_rows
+    from learner.loop import nonfinite_rows as _nonfinite_rows
     data = {"state": np.zeros((4, 3, 2), np.float32), "action": np.zeros((4, 3, 1), np.float32),
             "episode_id": np.zeros((4, 3), np.int32)}
     assert not _nonfinite_rows(data).any()

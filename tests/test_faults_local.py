@@ -82,8 +82,8 @@ class Monitor(threading.Thread):
                 if m:
                     with self.lock:
                         self.rows.append((time.monotonic(), name, m))
-                if name == "learner" and m and "crl_learner_sgd_steps" in m:
-                    self._utd_point(m["crl_learner_sgd_steps"])
+                if name == "learner" and m and "crl_learner_sgd_steps_total" in m:
+                    self._utd_point(m["crl_learner_sgd_steps_total"])
             try:
                 v = self.health_client.health(timeout_s=1.0)["version"]
                 with self.lock:
@@ -299,7 +299,7 @@ def scenario(tmp_path_factory):
         fetcher = FiniteFetcher(run)
 
         def warmup():
-            wait_for(lambda: mon.last("learner", "crl_learner_sgd_steps", 0) >= 300, STARTUP_S,
+            wait_for(lambda: mon.last("learner", "crl_learner_sgd_steps_total", 0) >= 300, STARTUP_S,
                      "the learner to train (300 SGD steps)", 1.0)
             R["warmup"]["startup_s"] = round(time.monotonic() - t_start, 1)
             import grpc
@@ -332,7 +332,7 @@ def scenario(tmp_path_factory):
             old_pid = run.kill("actor0")
             t_kill = time.monotonic()
             r["t_kill"] = t_kill
-            sgd_at_kill = mon.last("learner", "crl_learner_sgd_steps")
+            sgd_at_kill = mon.last("learner", "crl_learner_sgd_steps_total")
             inserts_at_kill = mon.last("replay", "crl_replay_inserts_total")
             wait_for(lambda: run.pids().get("actor0") not in (None, old_pid), 30,
                      "the launcher to restart actor0")
@@ -350,7 +350,7 @@ def scenario(tmp_path_factory):
             wait_for(new_life_writes, RESTART_S, "the restarted actor0 to write segments", 0.5)
             r["recover_s"] = round(time.monotonic() - t_kill, 1)
             t_rec = time.monotonic()
-            r["learner_sgd_during_downtime"] = mon.last("learner", "crl_learner_sgd_steps") - sgd_at_kill
+            r["learner_sgd_during_downtime"] = mon.last("learner", "crl_learner_sgd_steps_total") - sgd_at_kill
             # Extra actor writing too, then a window for the UTD with 3 actors.
             wait_for(lambda: mon.last("extra", "crl_actor_segments_written_total", 0) > 0,
                      RESTART_S, "the extra actor to write", 0.5)
@@ -483,7 +483,7 @@ def scenario(tmp_path_factory):
             r = R["learner_kill"]
             pids_before = run.pids()
             v_before = max(v for _, v in mon.versions)
-            sgd_before = mon.last("learner", "crl_learner_sgd_steps")
+            sgd_before = mon.last("learner", "crl_learner_sgd_steps_total")
             steps_before = {a: mon.last(a, "crl_actor_env_steps_total", 0) for a in ("actor0", "actor1")}
             unrolls_before = {a: mon.last(a, "crl_actor_unroll_duration_seconds_count", 0)
                               for a in ("actor0", "actor1")}
@@ -516,7 +516,7 @@ def scenario(tmp_path_factory):
                                  for _, m in mon.rows_of("learner", t_kill + 1.0)), RESTART_S,
                      "the restarted learner to train", 0.5)
             r["training_s"] = round(time.monotonic() - t_kill, 1)
-            wait_for(lambda: mon.last("learner", "crl_learner_sgd_steps", 0) > sgd_before, RESTART_S,
+            wait_for(lambda: mon.last("learner", "crl_learner_sgd_steps_total", 0) > sgd_before, RESTART_S,
                      "the learner to train past its pre-kill SGD steps", 0.5)
             r["caught_up_s"] = round(time.monotonic() - t_kill, 1)
             wait_for(lambda: all(mon.last(a, "crl_actor_params_version", -1) > v_before

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "test_t
 import k8s_testlib as T  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-ROLE_SOURCES = ["actors/role.py", "learner/role.py", "evaluator/role.py", "params/server.py",
+ROLE_SOURCES = ["actors/role.py", "learner/metrics.py", "evaluator/role.py", "params/server.py",
                 "replay/server.py"]
 REQUIRED_ALERTS = {"CRLRunFinished", "CRLRunBehindBudget", "CRLLearnerStalled", "CRLUTDOutOfBand", "CRLNoActorConnected",
                    "CRLPolicyLagHigh", "CRLReplayNearCapacity", "CRLNaNLoss",
