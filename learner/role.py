@@ -30,11 +30,10 @@ real detection and rollback path runs. Nothing happens when the variable is unse
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
 import time
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import jax
 
@@ -49,6 +48,9 @@ from learner.loop import (MARKER_FILE, LearnerLoop, LoopSettings, LoopState, rea
 from learner.publisher import ParamsPublisher
 from params import security_from_config, server_from_config
 
+if TYPE_CHECKING:
+    from replay.sampler import InsertCount
+
 # Re-exported: tests read these counters through the role module.
 CALLS, NONFINITE, NONFINITE_PUBLISH = M.CALLS, M.NONFINITE, M.NONFINITE_PUBLISH
 CHECKPOINT_ERRORS = M.CHECKPOINT_ERRORS
@@ -56,29 +58,15 @@ CHECKPOINT_ERRORS = M.CHECKPOINT_ERRORS
 FAULT_NAN_FILE_ENV = "CRL_FAULT_INJECTION_NAN_FILE"
 
 
-def _delete_items(address: str, table: str, keys, timeout_s: float, log) -> None:
-    """Deletes items from replay (bounded: the Reverb call has no deadline of its own)."""
-    import reverb
-
-    def go():
-        try:
-            reverb.Client(address).mutate_priorities(table, deletes=[int(k) for k in keys])
-        except Exception as e:
-            log.warning("could not delete %d non-finite items from replay: %s", len(keys), e)
-    t = threading.Thread(target=go, name="delete-nonfinite", daemon=True)
-    t.start()
-    t.join(timeout_s)
-
-
 class ReplayPoller(threading.Thread):
     """Reads replay's insert count every `period_s` in the background, so the update loop never
     waits on it (a poll of an unreachable replay blocks for up to `timeout_s`). Logs when replay
     becomes unreachable and when it is back; crl_learner_replay_up follows it."""
 
-    def __init__(self, address: str, table: str, timeout_s: float, log, period_s: float = 1.0):
+    def __init__(self, inserts: InsertCount, log, period_s: float = 1.0):
         super().__init__(name="replay-poll", daemon=True)
-        self.address, self.table, self.timeout_s, self.log = address, table, timeout_s, log
-        self.period_s = period_s
+        self.inserts, self.log, self.period_s = inserts, log, period_s
+        self.address, self.timeout_s = inserts.address, inserts.timeout_s
         self._lock = threading.Lock()
         self._inserts: Optional[int] = None
         self._halt = threading.Event()
@@ -86,7 +74,7 @@ class ReplayPoller(threading.Thread):
     def run(self):
         lost_at = None
         while not self._halt.is_set():
-            n = _replay_inserts(self.address, self.table, self.timeout_s)
+            n = self.inserts.read()
             M.REPLAY_UP.set(n is not None)
             if n is not None:
                 with self._lock:
@@ -120,15 +108,6 @@ def _fault_injection_due() -> bool:
         return True
     except FileNotFoundError:
         return False
-
-def _replay_inserts(address: str, table: str, timeout_s: float) -> Optional[int]:
-    import reverb
-    try:
-        info = reverb.Client(address).server_info(max(1, int(math.ceil(timeout_s))))[table]
-    except Exception:
-        return None
-    return int(info.rate_limiter_info.insert_stats.completed)
-
 
 def version_skip(cfg: Config) -> int:
     """How far a restart moves the params version past its checkpoint's. Versions are assigned
@@ -188,7 +167,7 @@ def _already_finished(cfg: Config, marker_path: str, state: LoopState, restored:
 
 def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     from replay import TABLE
-    from replay.sampler import SegmentSampler
+    from replay.sampler import InsertCount, SegmentSampler, delete_items
 
     log = log or CM.setup_logging("learner")
     stop = stop or threading.Event()
@@ -228,7 +207,10 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     publisher = ParamsPublisher(server, cfg.learner.publish_interval_s, log, on_published,
                                 lambda version: M.NONFINITE_PUBLISH.inc())
     rpc_timeout = cfg.service.rpc_timeout_s
-    poller = ReplayPoller(cfg.service.replay_address, TABLE, min(rpc_timeout, 3.0), log)
+    # Replay's insert count as this learner has seen it: never backwards, even if a client
+    # resets the table or replay restores an older checkpoint (replay.sampler.InsertCount).
+    inserts = InsertCount(cfg.service.replay_address, TABLE, min(rpc_timeout, 3.0))
+    poller = ReplayPoller(inserts, log)
     tb = ScalarWriter.for_run(cfg, "learner")
     loop = LearnerLoop(
         LoopSettings.from_config(cfg), updater,
@@ -236,10 +218,9 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
                                timeout_s=rpc_timeout, prefetch=cfg.learner.prefetch,
                                segment_length=cfg.segment_length),
         publisher, checkpointer, log=log, stop=stop, replay_inserts=poller.latest,
-        replay_inserts_now=lambda: _replay_inserts(cfg.service.replay_address, TABLE,
-                                                   min(rpc_timeout, 3.0)),
-        delete_items=lambda keys: _delete_items(cfg.service.replay_address, TABLE, keys,
-                                                rpc_timeout, log),
+        replay_inserts_now=inserts.read,
+        delete_items=lambda keys: delete_items(cfg.service.replay_address, TABLE, keys,
+                                               rpc_timeout),
         device=device, tb=tb, inject_nan=_fault_injection_due, marker_path=marker_path,
         state=state)
 

@@ -128,6 +128,7 @@ class InsertCount:
     def __init__(self, address: str, table: str = TABLE, timeout_s: float = 10.0):
         self.address, self.table, self.timeout_s = address, table, timeout_s
         self._count = MonotonicCount()
+        self._lock = threading.Lock()   # read by a poller thread and by the learner's loop
 
     def read(self) -> Optional[int]:
         import reverb
@@ -137,9 +138,11 @@ class InsertCount:
         except Exception:
             return None
         raw = int(info.rate_limiter_info.insert_stats.completed)
-        drops = self._count.drops
-        value = self._count.update(raw)
-        if self._count.drops > drops:
+        with self._lock:
+            drops = self._count.drops
+            value = self._count.update(raw)
+            dropped = self._count.drops > drops
+        if dropped:
             log.warning("replay's insert count dropped to %d (the table was reset or an older "
                         "checkpoint restored); counting on from %d", raw, value)
         return value
