@@ -27,6 +27,7 @@ from crl.config import Config, dump, local_roles
 MAX_RESTARTS = 5
 STOP_TIMEOUT_S = 60.0
 HANG_TIMEOUT_S = 60.0    # a running role whose /metrics stays silent this long is restarted
+FINISH_MARKER_WAIT_S = 10.0   # a follower's exit 0 waits this long for the finished marker
 
 
 class Child:
@@ -201,6 +202,15 @@ def _run_finished(run_dir: str) -> Optional[Dict]:
         return None
 
 
+def _wait_for_marker(run_dir: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _run_finished(run_dir) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def _get(m: Dict[str, float], name: str, default=float("nan")) -> float:
     return m.get(name, default)
 
@@ -304,6 +314,10 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 rc = c.poll()
                 if rc is None or c.finished:
                     continue
+                if rc == 0 and c in followers and not finished:
+                    # The learner publishes the finished version just before it writes the
+                    # marker: a follower quick to see it may exit a moment before the marker.
+                    finished = _wait_for_marker(run_dir, FINISH_MARKER_WAIT_S)
                 if rc == 0 and finished and c in followers:
                     c.finished = True
                     c.exit_codes.append(rc)

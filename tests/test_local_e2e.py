@@ -36,6 +36,21 @@ def test_launcher_exits_cleanly(local_run):
     assert all(n == 0 for n in summary["restarts"].values())
 
 
+def test_run_finishes_at_its_budget_and_the_actors_stop_by_themselves(local_run):
+    """The run lifecycle: the learner marks the run finished (final params with finished=1,
+    <run_dir>/finished.json); the actors see that version, exit 0 and are not restarted."""
+    _, run_dir = local_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    marker = json.loads((run_dir / "finished.json").read_text())
+    assert summary["finished"] == marker
+    assert marker["env_steps"] >= marker["budget_env_steps"] == 70000
+    final = json.loads((run_dir / "learner_final.json").read_text())
+    assert marker["params_version"] <= final["params_version"]
+    assert {"actor0", "actor1"} <= set(summary["finished_by_themselves"]), summary
+    log = (run_dir / "logs" / "actor0.log").read_text()
+    assert "run finished at" in log
+
+
 def test_data_flows_and_utd_is_held(local_run):
     _, run_dir = local_run
     final = json.loads((run_dir / "learner_final.json").read_text())
