@@ -14,6 +14,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ARG UV_VERSION=0.13.9
 ARG JAX_VARIANT=cpu
+# More of the lock's extras, by name (e.g. --build-arg EXTRAS=wandb for W&B logging in pods).
+ARG EXTRAS=""
 ENV UV_PROJECT_ENVIRONMENT=/opt/crl/venv \
     UV_PYTHON=/usr/local/bin/python3.11 \
     UV_PYTHON_DOWNLOADS=never \
@@ -23,13 +25,14 @@ RUN pip install --no-cache-dir "uv==${UV_VERSION}"
 WORKDIR /src
 
 # 1. The locked third-party set (this layer is rebuilt only when the lock changes); the variant
-#    picks the lock's extras.
+#    and EXTRAS pick the lock's extras.
 COPY pyproject.toml uv.lock ./
 RUN case "${JAX_VARIANT}" in \
       cpu) echo "" > /opt/uv-extras ;; \
       cuda12) echo "--extra cuda" > /opt/uv-extras ;; \
       *) echo "JAX_VARIANT must be cpu or cuda12, got '${JAX_VARIANT}'" >&2; exit 1 ;; \
-    esac
+    esac \
+ && for extra in ${EXTRAS}; do printf ' --extra %s' "${extra}" >> /opt/uv-extras; done
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project $(cat /opt/uv-extras)
 

@@ -88,6 +88,26 @@ def _variant_extras():
     return out
 
 
+@pytest.mark.parametrize("variant,extras,expected", [
+    ("cpu", "", []), ("cpu", "wandb", ["--extra", "wandb"]),
+    ("cuda12", "wandb", ["--extra", "cuda", "--extra", "wandb"])])
+def test_extras_build_arg_adds_lock_extras(tmp_path, variant, extras, expected):
+    """The RUN that writes /opt/uv-extras, run by sh with JAX_VARIANT and EXTRAS as build args:
+    every word of EXTRAS becomes one more `--extra` of both uv syncs (e.g. W&B in pods)."""
+    assert _args()["EXTRAS"] == "\"\""      # none by default
+    run = [r for _, w, r in _instructions() if w == "RUN" and "/opt/uv-extras" in r
+           and "case" in r][0]
+    out = tmp_path / "uv-extras"
+    script = run.replace("/opt/uv-extras", str(out))
+    proc = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                          env=dict(os.environ, JAX_VARIANT=variant, EXTRAS=extras))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().split() == expected
+    lock = (REPO / "uv.lock").read_text()
+    for name in extras.split():   # an extra the lock has
+        assert re.search(rf"^{name} = \[", lock, re.M), name
+
+
 def _sync_commands(extras):
     """The Dockerfile's `uv sync` commands with the variant's extras in place."""
     cmds = []
