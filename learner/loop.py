@@ -459,14 +459,15 @@ class LearnerLoop:
         return finished
 
     def mark_finished(self) -> None:
-        """The run is over: marker (atomic) and crl_learner_finished = 1."""
+        """The run is over: crl_learner_finished = 1, then the marker (atomic): whoever sees the
+        marker (the launcher, a test) also sees the gauge."""
         s = self.state
+        M.FINISHED.set(1)
         if self.marker_path:
             write_marker(self.marker_path, {
                 "env_steps": s.env_steps, "sgd_steps": s.sgd_steps,
                 "budget_env_steps": self.settings.total_env_steps,
                 "params_version": self.publisher.published_version, "time": time.time()})
-        M.FINISHED.set(1)
         self.log.info("run finished at %d env steps (budget %d): params version %d carries "
                       "finished=1", s.env_steps, self.settings.total_env_steps,
                       self.publisher.published_version)
