@@ -1,13 +1,13 @@
-"""Live: the real roles of `crl local` (replay, learner, evaluator, an actor: separate processes on
-127.0.0.1) scraped by a real Prometheus running k8s/'s scrape jobs (static targets instead of DNS
-discovery; the jobs' run labels namespace=crl, crl_run=crl kept) and rules. Every Grafana panel
-query (with the run selector set to that run; the DCGM GPU panels need the exporter and are left
-out) and every recording rule returns data; every
-alert expression evaluates, and what each alert compares returns data (an alert that does not
-fire returns nothing, so its operands are checked). The ParameterService runs with TLS and a
-token, as in the k8s overlays. The pods' probes, pointed at the local ports, succeed against the
-running roles (the learner's over TLS); `crl cluster status` reads its metrics from this
-Prometheus."""
+"""Live: the real roles of two `crl local` runs (replay, learner, evaluator, an actor each:
+separate processes on 127.0.0.1) scraped by ONE real Prometheus running k8s/'s scrape jobs (static
+targets instead of DNS discovery, each with its run's namespace and crl_run labels, as the jobs set
+them) and rules. For each run, every Grafana panel query (the run selector set to it; the DCGM GPU
+panels need the exporter and are left out) returns data, and another run's name returns nothing;
+every recording rule keeps the two runs apart; every alert expression evaluates, and what each
+alert compares returns data (an alert that does not fire returns nothing, so its operands are
+checked). Run A's ParameterService runs with TLS and a token, as in the k8s overlays; the pods'
+probes, pointed at its local ports, succeed against its running roles (the learner's over TLS);
+`crl cluster status` reads run A's metrics, and only run A's, from this Prometheus."""
 from __future__ import annotations
 
 import copy
@@ -31,29 +31,37 @@ REPO = Path(__file__).resolve().parents[1]
 ROLE_OFFSETS = {"replay": 0, "learner": 1, "evaluator": 2, "actor": 3}   # app/launcher.py
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
-    d = tmp_path_factory.mktemp("live")
+# Two runs in one Prometheus, as two runs share a cluster's: run A (namespace crl, run crl; TLS and
+# a token on its ParameterService, as in the k8s overlays) and run B (namespace crl-b, run b).
+RUNS = {"a": ("crl", "crl"), "b": ("crl-b", "b")}     # name: (namespace, crl_run)
+
+
+def _start_local(d: Path, name: str, tls: bool):
+    """One `crl local` (1 actor, tiny networks) in d/name; returns (process, its ports, log)."""
     base = free_port_block(8)
     metrics = base + 2
     ports = {"replay_grpc": base, "params": base + 1,
              **{role: metrics + k for role, k in ROLE_OFFSETS.items()}}
-    # TLS and a token on the ParameterService, as in the k8s overlays: a certificate as `crl
-    # cluster create-secrets` makes it (naming `params`, which the roles check while dialing
-    # 127.0.0.1), so the learner's probe below runs over TLS as in the pod.
-    from app.cluster import certificate_names, self_signed_certificate
-    cert, key = self_signed_certificate(certificate_names("crl"), days=1)
-    sec = d / "secrets"
-    sec.mkdir()
-    (sec / "tls.crt").write_bytes(cert)
-    (sec / "ca.crt").write_bytes(cert)
-    (sec / "tls.key").write_bytes(key)
-    (sec / "token").write_text(__import__("secrets").token_urlsafe(32) + "\n")
+    run = d / name
+    run.mkdir()
+    security = []
+    if tls:
+        # A certificate as `crl cluster create-secrets` makes it (naming `params`, which the roles
+        # check while dialing 127.0.0.1), so the learner's probe runs over TLS as in the pod.
+        from app.cluster import certificate_names, self_signed_certificate
+        cert, key = self_signed_certificate(certificate_names("crl"), days=1)
+        sec = run / "secrets"
+        sec.mkdir()
+        (sec / "tls.crt").write_bytes(cert)
+        (sec / "ca.crt").write_bytes(cert)
+        (sec / "tls.key").write_bytes(key)
+        (sec / "token").write_text(__import__("secrets").token_urlsafe(32) + "\n")
+        security = ["--service.tls_cert", str(sec / "tls.crt"),
+                    "--service.tls_key", str(sec / "tls.key"),
+                    "--service.tls_ca", str(sec / "ca.crt"), "--service.tls_server_name", "params",
+                    "--service.token_file", str(sec / "token"), "--service.require_token", "true"]
     cmd = [sys.executable, "-m", "app.cli", "local", "--actors", "1",
-           "--run.run_dir", str(d / "run"),
-           "--service.tls_cert", str(sec / "tls.crt"), "--service.tls_key", str(sec / "tls.key"),
-           "--service.tls_ca", str(sec / "ca.crt"), "--service.tls_server_name", "params",
-           "--service.token_file", str(sec / "token"), "--service.require_token", "true",
+           "--run.run_dir", str(run / "run"), *security,
            "--service.replay_address", f"127.0.0.1:{base}",
            "--service.params_address", f"127.0.0.1:{base + 1}",
            "--service.metrics_port", str(metrics),
@@ -67,10 +75,19 @@ def live(tmp_path_factory):
            "--replay.checkpoint_interval_s", "15",
            "--eval.num_envs", "8", "--eval.interval_s", "2"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-    log = open(d / "local.log", "wb")
-    local = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, env=env)
-    # Prometheus with the cluster's scrape jobs, pointed at the local ports, scraping every second.
+    log = open(run / "local.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env)
+    return proc, ports, log
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    d = tmp_path_factory.mktemp("live")
+    runs = {name: _start_local(d, name, tls=name == "a") for name in RUNS}
+    # Prometheus with the cluster's scrape jobs, pointed at both runs' local ports, scraping every
+    # second; each target carries its run's namespace and crl_run, as the jobs' relabelling sets
+    # them in a run's namespace.
     k8s_cfg = yaml.safe_load((T.MONITORING / "prometheus.yml").read_text())
     prom_port = T.free_port()
     cfg = copy.deepcopy(k8s_cfg)
@@ -78,9 +95,16 @@ def live(tmp_path_factory):
     cfg["rule_files"] = [str(T.MONITORING / "crl-rules.yml")]
     for job in cfg["scrape_configs"]:
         role = job["job_name"].removeprefix("crl-")
-        target = f"127.0.0.1:{ports[role]}" if role in ROLE_OFFSETS else f"127.0.0.1:{prom_port}"
         job.pop("dns_sd_configs", None)
-        job["static_configs"] = [{"targets": [target]}]
+        if role not in ROLE_OFFSETS:
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{prom_port}"]}]
+            continue
+        assert {r.get("target_label") for r in job["relabel_configs"]} >= {"namespace", "crl_run"}
+        job["relabel_configs"] = [r for r in job["relabel_configs"]
+                                  if r.get("target_label") not in ("namespace", "crl_run")]
+        job["static_configs"] = [
+            {"targets": [f"127.0.0.1:{ports[role]}"], "labels": {"namespace": ns, "crl_run": run}}
+            for (_, ports, _), (ns, run) in ((runs[n], RUNS[n]) for n in RUNS)]
     prom = T.Prometheus(d / "prometheus")
     try:
         prom.start(cfg, port=prom_port)
@@ -88,30 +112,34 @@ def live(tmp_path_factory):
         have = {}
 
         def ready():
-            if local.poll() is not None:
-                raise AssertionError(f"crl local exited with {local.returncode}:\n"
-                                     + (d / "local.log").read_text()[-3000:])
-            for q in ("crl_learner_critic_loss", "crl_eval_evaluations_total > 0", "crl:utd:rate5m",
-                      "crl:actor_env_steps:rate1m > 0", "crl_actor_params_version > 0",
-                      "crl_replay_checkpoints_total > 0"):
-                have[q] = bool(prom.query(q))
+            for name, (proc, _, _) in runs.items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"crl local of run {name} exited with {proc.returncode}:"
+                                         f"\n" + (d / name / "local.log").read_text()[-3000:])
+            # Every run has trained, evaluated and checkpointed: one series per run.
+            for q in ("crl_learner_critic_loss", "crl_eval_evaluations_total > 0",
+                      "crl:utd:rate5m", "crl:actor_env_steps:rate1m > 0",
+                      "crl_actor_params_version > 0", "crl_replay_checkpoints_total > 0"):
+                have[q] = len(prom.query(f"count by (namespace, crl_run) ({q})")) == len(RUNS)
             return all(have.values())
         try:
-            T.wait_for(ready, 480, "the roles to train, evaluate and checkpoint under Prometheus",
+            T.wait_for(ready, 600, "both runs to train, evaluate and checkpoint under Prometheus",
                        interval_s=2)
         except AssertionError as e:
-            logs = "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-1500:]}"
-                             for p in sorted((d / "run" / "logs").glob("*.log")))
+            logs = "\n".join(f"--- {p.relative_to(d)}:\n{p.read_text(errors='replace')[-1500:]}"
+                             for p in sorted(d.glob("*/run/logs/*.log")))
             targets = prom.api("targets")["activeTargets"]
             raise AssertionError(
                 f"{e}\nconditions: {have}\ntargets: "
                 f"{[(t['labels']['job'], t['health'], t.get('lastError')) for t in targets]}\n"
-                f"crl local:\n{(d / 'local.log').read_text()[-2000:]}\n{logs}") from None
-        yield {"prom": prom, "ports": ports, "dir": d, "k8s_cfg": k8s_cfg}
+                f"{logs}") from None
+        yield {"prom": prom, "ports": runs["a"][1], "ports_b": runs["b"][1], "dir": d / "a",
+               "k8s_cfg": k8s_cfg}
     finally:
         prom.stop()
-        T.stop(local, timeout_s=120)
-        log.close()
+        for proc, _, log in runs.values():
+            T.stop(proc, timeout_s=120)
+            log.close()
 
 
 def _wait_all_have_data(prom, exprs, timeout_s=60):
@@ -133,20 +161,41 @@ def _wait_all_have_data(prom, exprs, timeout_s=60):
     return errors
 
 
-def _for_run(expr: str) -> str:
-    """A panel query with the dashboard's run selector set to the live run."""
-    return expr.replace("$namespace", "crl").replace("$run", "crl")
+def _for_run(expr: str, run: str = "a") -> str:
+    """A panel query with the dashboard's run selector set to one of the live runs."""
+    ns, crl_run = RUNS[run]
+    return expr.replace("$namespace", ns).replace("$run", crl_run)
 
 
-def test_every_dashboard_query_returns_data(live):
-    queries = [dict(q, expr=_for_run(q["expr"])) for q in T.dashboard_queries()
+@pytest.mark.parametrize("run", list(RUNS))
+def test_every_dashboard_query_returns_data_for_each_run(live, run):
+    queries = [dict(q, expr=_for_run(q["expr"], run)) for q in T.dashboard_queries()
                if "DCGM_" not in q["expr"]]
     assert len(queries) > 40
     errors = _wait_all_have_data(live["prom"], [q["expr"] for q in queries])
     assert not errors, {q["panel"]: (q["expr"], errors[q["expr"]])
                         for q in queries if q["expr"] in errors}
     # The selector really selects: another run's name returns nothing.
-    assert not live["prom"].query(_for_run(queries[0]["expr"]).replace('"crl"', '"other"'))
+    ns, _ = RUNS[run]
+    assert not live["prom"].query(queries[0]["expr"].replace(f'"{ns}"', '"other"'))
+
+
+def test_two_runs_stay_apart_in_every_recorded_series(live):
+    """Every series a recording rule writes belongs to exactly one run (namespace and crl_run
+    kept), and each run has its own: nothing is summed over both runs."""
+    prom = live["prom"]
+    records = [r["record"] for r in T.rules() if "record" in r]
+    assert records
+    # Both runs in every recorded series (waited for: a rule needs a few evaluations).
+    assert not _wait_all_have_data(
+        prom, [f"count(count by (namespace, crl_run) ({r})) == {len(RUNS)}" for r in records])
+    for record in records:
+        runs = {(s["metric"].get("namespace"), s["metric"].get("crl_run"))
+                for s in prom.query(record)}
+        assert runs == set(RUNS.values()), (record, runs)      # no series without its run
+    per_run = {(s["metric"]["namespace"], s["metric"]["crl_run"])
+               for s in prom.query("crl_actor_params_version")}
+    assert per_run == set(RUNS.values())
 
 
 def test_every_rule_expression_evaluates_and_its_signals_return_data(live):
