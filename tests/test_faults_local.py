@@ -245,6 +245,20 @@ def utd_band(cfg, d_env, nonfinite_segments=0):
     return slack_sgd / (cfg.replay.utd * d_env)
 
 
+def wait_training_and_writing_again(mon, calls, segs, since, t0, r):
+    """After replay was gone (killed or hung): the learner trains on new samples (more calls
+    than its prefetched batches, prefetch 2 + one in the pipeline, allow) and both actors' writes
+    are confirmed again, both seen after `since`; r gets their times from t0."""
+    wait_for(lambda: any(m.get("crl_learner_update_calls_total", 0) > calls + 8
+                         for _, m in mon.rows_of("learner", since)), RESTART_S,
+             "the learner to train again", 0.5)
+    r["learner_resumed_s"] = round(time.monotonic() - t0, 1)
+    wait_for(lambda: all(any(m.get("crl_actor_segments_written_total", 0) > segs[a]
+                             for _, m in mon.rows_of(a, since)) for a in segs),
+             RESTART_S, "both actors to write again", 0.5)
+    r["actors_resumed_s"] = round(time.monotonic() - t0, 1)
+
+
 def actor_total(mon, metric):
     """Sum over the launcher's actors of the newest value of a counter (per current process)."""
     return sum(mon.last(a, metric, 0.0) for a in ("actor0", "actor1"))
@@ -459,16 +473,7 @@ def scenario(tmp_path_factory):
             # Items confirmed after the last checkpoint and before the kill are gone with it
             # (up to one write may land between the count above and the kill).
             r["inserts_lost"] = r["inserts_at_kill"] - r["restored_inserts"]
-            # Trained again on new samples: more calls than its prefetched batches (prefetch 2 +
-            # one in the pipeline) allow, after replay listens again.
-            wait_for(lambda: any(m.get("crl_learner_update_calls_total", 0) > calls + 8
-                                 for _, m in mon.rows_of("learner", t_up)), RESTART_S,
-                     "the learner to train again", 0.5)
-            r["learner_resumed_s"] = round(time.monotonic() - t_kill, 1)
-            wait_for(lambda: all(any(m.get("crl_actor_segments_written_total", 0) > segs[a]
-                                     for _, m in mon.rows_of(a, t_up)) for a in segs),
-                     RESTART_S, "both actors to write again", 0.5)
-            r["actors_resumed_s"] = round(time.monotonic() - t_kill, 1)
+            wait_training_and_writing_again(mon, calls, segs, since=t_up, t0=t_kill, r=r)
             r["pids_after"] = {n: run.pids().get(n) for n in others}
             # Reverb's writer usually reconnects by itself (the pending flush just succeeds
             # later); the actor rebuilds its writer only when the flush reports UNAVAILABLE.
@@ -555,14 +560,7 @@ def scenario(tmp_path_factory):
                                  for _, m in mon.rows_of("replay", t_cont)), RESTART_S,
                      "replay to take inserts again", 0.5)
             r["inserts_resumed_s"] = round(time.monotonic() - t_cont, 1)
-            wait_for(lambda: any(m.get("crl_learner_update_calls_total", 0) > calls + 8
-                                 for _, m in mon.rows_of("learner", t_cont)), RESTART_S,
-                     "the learner to train again", 0.5)
-            r["learner_resumed_s"] = round(time.monotonic() - t_cont, 1)
-            wait_for(lambda: all(any(m.get("crl_actor_segments_written_total", 0) > segs[a]
-                                     for _, m in mon.rows_of(a, t_cont)) for a in segs),
-                     RESTART_S, "both actors to write again", 0.5)
-            r["actors_resumed_s"] = round(time.monotonic() - t_cont, 1)
+            wait_training_and_writing_again(mon, calls, segs, since=t_cont, t0=t_cont, r=r)
             r["pids_after"] = run.pids()
         _phase(R, "replay_hang", replay_hang)
 
