@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 
 from crl import metrics as M
 from crl.config import Config, dump, local_roles
+from crl.run_marker import marker_path, read_marker
 
 MAX_RESTARTS = 5
 STOP_TIMEOUT_S = 60.0
@@ -192,19 +193,9 @@ def _learner_finished(run_dir: str) -> bool:
         return True
 
 
-def _run_finished(run_dir: str) -> Optional[Dict]:
-    """The learner's finished marker (written at the budget, after its final checkpoint and the
-    final params version with progress finished=1), or None while the run goes on."""
-    try:
-        with open(os.path.join(run_dir, "finished.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _wait_for_marker(run_dir: str, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while _run_finished(run_dir) is None:
+    while read_marker(marker_path(run_dir)) is None:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -305,7 +296,7 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
             # At the budget the learner publishes a final version marked finished: actors and
             # the evaluator finish on their own (exit 0) and are not restarted; once all have,
             # the run is over without waiting out the learner's grace period.
-            finished = _run_finished(run_dir) is not None
+            finished = read_marker(marker_path(run_dir)) is not None
             if finished and all(c.finished for c in followers):
                 print("[local] run finished: every actor and the evaluator exited 0; stopping",
                       file=out, flush=True)
@@ -395,7 +386,7 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                 if final.get(key) is not None:
                     lm[metric] = final[key]
         summary = {"metrics": scraped, "learner_final": final, "exit_codes": exits,
-                   "finished": _run_finished(run_dir),
+                   "finished": read_marker(marker_path(run_dir)),
                    "finished_by_themselves": [c.name for c in followers if c.finished],
                    "restarts": {c.name: c.restarts for c in children},
                    "restart_events": {c.name: c.events for c in children},

@@ -34,8 +34,6 @@ the item deleter and the clock. The loop never reads the config itself (LoopSett
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple
@@ -46,6 +44,7 @@ import numpy as np
 from crl.learning import (PROGRESS_KEY, all_finite, measured_utd, params_of, progress_of,
                           update_calls_owed)
 from crl.metrics import Backoff
+from crl.run_marker import write_marker
 from learner import metrics as M
 from replay import ReplayTimeout, ReplayUnavailable
 
@@ -54,7 +53,6 @@ MAX_CONSECUTIVE_NONFINITE = 10
 # velocities are O(10-1000), actions in [-1, 1]); finite values past it (1e30 written by a
 # hostile client) made every update non-finite, so they are quarantined like NaN.
 MAX_ABS_VALUE = 1e6
-MARKER_FILE = "finished.json"
 
 TRAIN, OWED, DONE = "train", "owed", "done"   # LoopState.phase
 
@@ -68,25 +66,6 @@ def nonfinite_rows(data) -> np.ndarray:
             b = ~(np.abs(flat) <= MAX_ABS_VALUE).all(axis=1)   # NaN compares False
             bad = b if bad is None else bad | b
     return bad if bad is not None else np.zeros(0, bool)
-
-
-def write_marker(path: str, record: dict) -> None:
-    """Writes the run's finished marker atomically (temp file, fsync, rename)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_marker(path: str) -> Optional[dict]:
-    """The finished marker's record, or None if there is none (or it is unreadable)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,8 @@ from crl.learning import Updater, resolve_num_devices
 from crl.tensorboard import ScalarWriter
 from learner import metrics as M
 from learner.checkpoint import LearnerCheckpointer
-from learner.loop import (MARKER_FILE, LearnerLoop, LoopSettings, LoopState, read_marker)
+from crl.run_marker import marker_path as run_marker_path, read_marker
+from learner.loop import LearnerLoop, LoopSettings, LoopState
 from learner.publisher import ParamsPublisher
 from params import security_from_config, server_from_config
 
@@ -190,7 +191,7 @@ def run(cfg: Config, stop: Optional[threading.Event] = None, log=None) -> int:
     checkpointer = LearnerCheckpointer(ckpt_dir)
     state, restored = _restore(cfg, updater, checkpointer, log)
     os.makedirs(cfg.run.run_dir, exist_ok=True)
-    marker_path = os.path.join(cfg.run.run_dir, MARKER_FILE)
+    marker_path = run_marker_path(cfg.run.run_dir)
     already_finished = _already_finished(cfg, marker_path, state, restored, log)
     M.FINISHED.set(0)
     M.BUDGET.set(cfg.learner.total_env_steps)

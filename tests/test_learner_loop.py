@@ -17,7 +17,8 @@ import pytest
 from crl import config as C
 from crl.learning import TrainState, UpdateResult, measured_utd, update_calls_owed
 from learner import metrics as M
-from learner.loop import DONE, OWED, TRAIN, LearnerLoop, LoopSettings, LoopState, read_marker
+from crl.run_marker import read_marker
+from learner.loop import DONE, OWED, TRAIN, LearnerLoop, LoopSettings, LoopState
 from replay import ReplayTimeout, ReplayUnavailable
 
 
