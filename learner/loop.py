@@ -21,7 +21,9 @@ of the same algorithm and shares its update (crl.learning.Updater) and its UTD r
     written in the background);
   - owed updates: when replay has received the budget (`total_env_steps`), the update calls still
     owed for the data received (crl.learning.update_calls_owed) are done, the rate limiter
-    permitting;
+    permitting (none if the learner is already ahead: the limiter lets it train up to its error
+    buffer past the insert count read at the budget, so the final SGD steps are the owed ones
+    plus at most that slack);
   - finish: the final state is checkpointed, then published (a newer version if it was not
     offered yet); at the budget that version carries progress finished=1 and the marker
     `finished.json` is written (atomically) beside the run.
