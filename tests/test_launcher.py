@@ -130,3 +130,67 @@ def test_a_port_taken_by_another_program_is_refused_before_anything_starts(tmp_p
     out = (tmp_path / "out").read_text()
     assert rc == 2 and f"service.replay_address = 127.0.0.1:{base}" in out, out[-2000:]
     assert not (tmp_path / "run" / "pids.json").exists()       # nothing was started
+
+
+def _children(pid: int) -> dict:
+    """{pid: command line} of the processes whose parent is `pid` (read from /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline") as f:
+                    found[int(entry)] = f.read().replace("\0", " ")
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_start_up_stop_is_prompt_and_unwritable_files_lose_nothing(tmp_path):
+    """Start-up and disk full (docs/reliability.md). A stop request while the learner is starting
+    is acted on at once: the learner is held stopped (SIGSTOP), so a launcher that waited for
+    its port first would wait out the 300 s start-up timeout. pids.json and summary.json cannot
+    be written (a directory stands in each path: the write fails with an OSError, as on a full
+    disk): the launcher says so, goes on, stops every role and prints the summary instead."""
+    run_dir = tmp_path / "run"
+    (run_dir / "pids.json.tmp").mkdir(parents=True)
+    (run_dir / "summary.json").mkdir()
+    base = free_port_block(16)
+    out_path = tmp_path / "local.out"
+    launcher = _local(run_dir, base, out_path)
+    roles, stopped = {}, None
+    try:
+        def learner_started():
+            roles.update(_children(launcher.pid))
+            return any(" learner" in cmd for cmd in roles.values())
+        wait_for(lambda: learner_started() or launcher.poll() is not None, 300,
+                 "the launcher to start the learner")
+        assert launcher.poll() is None, out_path.read_text()[-3000:]
+        stopped = next(p for p, cmd in roles.items() if " learner" in cmd)
+        os.kill(stopped, signal.SIGSTOP)      # it cannot open its port now
+        launcher.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        wait_for(lambda: "stop requested while learner was starting" in out_path.read_text(),
+                 15, "the launcher to act on the stop during the learner's start-up")
+        acted_s = time.monotonic() - t0
+        os.kill(stopped, signal.SIGCONT)      # so it can take its SIGTERM
+        rc = launcher.wait(timeout=120)
+    finally:
+        stop_process(launcher, timeout_s=30)
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    out = out_path.read_text()
+    assert rc == 0, out[-3000:]
+    assert acted_s < 15
+    assert not any(_alive(p) for p in roles), (roles, out[-2000:])
+    assert f"could not write {run_dir}/pids.json" in out
+    assert f"could not write {run_dir}/summary.json" in out
+    summary = json.loads(out.split("the summary:\n", 1)[1].splitlines()[0])
+    assert set(summary["exit_codes"]) >= {"replay", "learner"}, summary["exit_codes"]
+    assert summary["exit_codes"]["replay"] == 0
