@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import grpc
 import grpc.experimental
@@ -37,6 +37,7 @@ from params.wire import (
     normalize_subset,
     signature_hash,
     specs_of,
+    unflatten,
 )
 from protos import params_pb2, params_pb2_grpc
 
@@ -85,18 +86,6 @@ def describe_error(e: BaseException, address: str, timeout_s: Optional[float] = 
     if code == grpc.StatusCode.CANCELLED:
         return f"{name}: the call to {address} was cancelled (client closed)"
     return f"{name}: {details} (params server at {address})"
-
-def _unflatten_names(names: Sequence[str], arrays: Sequence[np.ndarray]) -> Dict[str, Any]:
-    """Nested dicts from '/'-joined names (used when the client has no template)."""
-    root: Dict[str, Any] = {}
-    for name, arr in zip(names, arrays):
-        node = root
-        parts = name.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = arr
-    return root
-
 
 class ParameterClient:
     """Fetches params from a ParameterServer. Thread-safe; every RPC has a `timeout_s` deadline.
@@ -363,7 +352,7 @@ class ParameterClient:
             names = [s[0] for s in expected[0]]
             return int(h.version), jax.tree_util.tree_unflatten(treedef,
                                                                 [by_name[n] for n in names])
-        return int(h.version), _unflatten_names([s[0] for s in specs], arrays)
+        return int(h.version), unflatten([s[0] for s in specs], arrays)
 
     def wait_for_version(self, min_version: int = -1, deadline_s: float = 60.0,
                          subset: Subset = "actor") -> Tuple[int, Any]:

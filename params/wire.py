@@ -94,6 +94,19 @@ def flatten(tree: Any) -> Tuple[List[str], List[Any], Any]:
     return names, leaves, treedef
 
 
+def unflatten(names: Sequence[str], leaves: Sequence[Any]) -> Dict[str, Any]:
+    """Nested dicts from '/'-joined names: the inverse of `flatten` for trees of dicts (used
+    where no template gives the structure)."""
+    root: Dict[str, Any] = {}
+    for name, leaf in zip(names, leaves):
+        node = root
+        parts = name.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = leaf
+    return root
+
+
 def _dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 

@@ -35,17 +35,6 @@ def flatten_tree(tree: Any, prefix: str = "") -> Dict[str, np.ndarray]:
     return out
 
 
-def unflatten_tree(flat: Dict[str, np.ndarray]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for path, value in flat.items():
-        node = out
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return out
-
-
 def save_params(path: str, actor_params: Any, critic_params: Any,
                 meta: Optional[Dict[str, Any]] = None) -> None:
     """Writes {"actor": ..., "critic": ...} params (any nested dicts of arrays) to one .npz."""
@@ -61,7 +50,8 @@ def load_params(path: str) -> Tuple[Dict[str, Any], Dict[str, Any], Dict[str, An
     with np.load(path) as z:
         flat = {k: z[k] for k in z.files}
     meta = json.loads(flat.pop(META_KEY).tobytes().decode()) if META_KEY in flat else {}
-    tree = unflatten_tree(flat)
+    from params.wire import unflatten
+    tree = unflatten(list(flat), list(flat.values()))
     return tree["actor"], tree["critic"], meta
 
 
