@@ -231,7 +231,12 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
         return 2
     run_dir = cfg.run.run_dir
     log_dir = os.path.join(run_dir, "logs")
-    os.makedirs(log_dir, exist_ok=True)
+    try:   # under a file, under /proc, read-only: said here, before anything starts
+        os.makedirs(log_dir, exist_ok=True)
+    except OSError as e:
+        print(f"[local] invalid config: run.run_dir = {run_dir!r}: cannot create {log_dir} "
+              f"({e.strerror or e}); choose a directory you can write", file=out, flush=True)
+        return 2
     try:
         lock = lock_run_dir(run_dir)   # before anything in the directory is touched
     except RunDirLocked as e:

@@ -273,17 +273,30 @@ def _coerce(name: str, tp, value):
         try:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name}: {value!r} is not an integer") from None
+            number = int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{name}: {_short(value)} is not an integer") from None
+        if not -2 ** 63 <= number < 2 ** 63:
+            raise ConfigError(f"{name} = {_short(number)}: too large (an integer field holds at "
+                              "most 2**63 - 1)")
+        return number
     if tp is float:
         try:
             return float(value)
+        except OverflowError:
+            raise ConfigError(f"{name} = {_short(value)}: too large for a number (at most "
+                              "~1.8e308)") from None
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: {value!r} is not a number") from None
     if tp is str:
         return str(value)
     raise ConfigError(f"{name}: unsupported type {tp}")
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """repr of a value for a message, a huge one cut (a 400-digit number is not read)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-8:]} ({len(text)} chars)"
 
 
 def from_dict(data: Dict[str, Any], cls=Config, prefix: str = ""):
@@ -329,18 +342,81 @@ def override(cfg: Config, dotted: Dict[str, Any]) -> Config:
     return from_dict(data)
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a config is a few KiB; anything larger is the wrong file
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load, stricter where a config file would silently mean something else: a repeated
+    key (YAML keeps the last: a second `algo:` section would drop the first), a key that is not
+    a string, and aliases (`*name`: a few lines of nested aliases expand to gigabytes)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor}: aliases are not allowed in a config file "
+                "(write the values out)", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is not a string (config keys are field names)",
+                    key_node.start_mark)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (YAML would keep only the last one: "
+                    "merge the two)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_file(path: str) -> Any:
+    """The YAML document in `path`, or ConfigError naming the file and what is wrong with it
+    (missing, not a regular file, too large, not UTF-8 text, not valid YAML, _ConfigLoader's
+    rules). Never blocks on a FIFO or reads a device."""
+    import os
+    import stat
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r}: cannot read it ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ConfigError(f"config file {path!r} is {kind}: give the path of a YAML file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} holds {st.st_size:,} bytes, more than a config "
+                          f"({MAX_CONFIG_BYTES:,} at most): is it the right file?")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config file {path!r}: cannot read it ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}): is it the "
+                          "right file?") from None
+    loader = _ConfigLoader(text)
+    loader.name = path   # error marks name the file
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not a valid config YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
 def load(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
     """Defaults < YAML file < overrides; then validated."""
     cfg = Config()
     if path:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        cfg = from_dict(data)
+        cfg = from_dict(read_yaml_file(path))
     if overrides:
         cfg = override(cfg, overrides)
     cfg = derive_defaults(cfg)

@@ -33,14 +33,26 @@ class Security:
         return f"TLS {'on' if self.tls else 'off'}, token {'required' if self.token else 'off'}"
 
 
+MAX_SECRET_BYTES = 1 << 20   # a certificate chain is a few KiB
+
+
 def read_secret_file(what: str, path: str, error=None) -> bytes:
     """The bytes of a certificate, key or token file; `error` (default ConfigError) naming
     `what` (e.g. "service.tls_cert = '/p'") if it cannot be read or is empty."""
+    import os
+    import stat
     if error is None:
         from crl.config import ConfigError as error
-    try:
+    try:   # stat first: opening a FIFO blocks, reading /dev/zero never ends
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what}: not a regular file (a directory, device or FIFO): give the "
+                        "file that holds it")
+        if st.st_size > MAX_SECRET_BYTES:
+            raise error(f"{what}: {st.st_size:,} bytes, more than a certificate, key or token "
+                        f"({MAX_SECRET_BYTES:,} at most): is it the right file?")
         with open(path, "rb") as f:
-            data = f.read()
+            data = f.read(MAX_SECRET_BYTES + 1)
     except OSError as e:
         raise error(f"{what}: cannot read it ({e.strerror or e})") from None
     if not data.strip():
@@ -58,6 +70,25 @@ def _check_pem(field_name: str, path: str, data: bytes, kind: str) -> bytes:
         raise ConfigError(f"{field_name} = {path!r}: not a PEM {kind} (no '-----BEGIN ... {kind}' "
                           "block)")
     return data
+
+
+def _check_key_pair(cert_path: str, key_path: str) -> None:
+    """ConfigError unless the key is the certificate's private key (gRPC would only fail at
+    bind time, with a misleading "failed to bind" error)."""
+    import ssl
+
+    from crl.config import ConfigError
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            cert_path, key_path, password=lambda: b"")   # never prompts for a passphrase
+    except ssl.SSLError as e:
+        why = "is not the private key of the certificate" if "KEY_VALUES_MISMATCH" in str(e) \
+            else f"cannot be used with it ({e.reason or e})"
+        raise ConfigError(f"service.tls_key = {key_path!r} {why} service.tls_cert = "
+                          f"{cert_path!r}: give the key the certificate was issued for") from None
+    except OSError as e:
+        raise ConfigError(f"service.tls_cert = {cert_path!r} / service.tls_key = {key_path!r}: "
+                          f"cannot read them ({e.strerror or e})") from None
 
 
 def security_from_config(service, *, server: bool = False, environ=None) -> Security:
@@ -99,6 +130,7 @@ def security_from_config(service, *, server: bool = False, environ=None) -> Secu
                           _read_file("service.tls_cert", service.tls_cert), "CERTIFICATE")
         key = _check_pem("service.tls_key", service.tls_key,
                          _read_file("service.tls_key", service.tls_key), "PRIVATE KEY")
+        _check_key_pair(service.tls_cert, service.tls_key)
     if not server and (service.tls_ca or service.tls_cert):
         name = "service.tls_ca" if service.tls_ca else "service.tls_cert"
         path = service.tls_ca or service.tls_cert

@@ -72,7 +72,10 @@ def test_frozen():
     ({"algo.critic_lr": float("nan")}, "algo.critic_lr = nan: must be a finite number"),
     ({"replay.utd": float("inf")}, "replay.utd = inf: must be a finite number"),
     ({"service.rpc_timeout_s": float("inf")}, "service.rpc_timeout_s = inf: must be a finite"),
-    ({"run.seed": 2 ** 64}, "run.seed = 18446744073709551616: must be in 0..2147483647"),
+    ({"run.seed": 2 ** 40}, "run.seed = 1099511627776: must be in 0..2147483647"),
+    ({"run.seed": 10 ** 400}, "run.seed = 10000000000000000000...00000000 (401 chars): too large"),
+    ({"algo.critic_lr": 10 ** 400}, "algo.critic_lr = 10000000000000000000...00000000 (401 chars): "
+                                    "too large for a number"),
     ({"service.metrics_port": 17999}, "the learner's metrics port 18000 is service.replay_address"),
     ({"service.metrics_port": 18000}, "the replay's metrics port 18000 is service.replay_address"),
     ({"service.metrics_port": 65534}, "past 65535; lower it"),
@@ -115,6 +118,55 @@ def test_crl_local_with_a_bad_config_starts_nothing(tmp_path):
     assert "replay.utd = -1.0: must be > 0" in out.stderr
     assert "service.tls_cert = 'x.crt' / service.tls_key = ''" in out.stderr
     assert not run_dir.exists()                    # nothing started, nothing written
+
+
+ALIAS_BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p.strip() else 'x'}]\n"
+                     for p, c in zip(" abcdefg", "abcdefgh"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\xff\xfe binary", "is not UTF-8 text (byte 1)"),
+    ("DIR", "is a directory: give the path of a YAML file"),
+    ("FIFO", "is not a regular file"),                     # opening it would block for ever
+    (b"algo:\n  batch_size: 64\nalgo:\n  discount: 0.9\n", "duplicate key 'algo'"),
+    (b"1: 2\n", "key 1 is not a string"),
+    (ALIAS_BOMB.encode(), "alias *a: aliases are not allowed in a config file"),
+    (b"# padding\n" * 200_000, "more than a config"),
+    (b"- a\n- b\n", "expected a mapping"),
+])
+def test_bad_config_files_name_the_file_and_what_is_wrong(tmp_path, content, message):
+    """Each once a traceback, a hang, gigabytes, or a silently dropped section (issue 16)."""
+    import os
+    path = tmp_path / "c.yaml"
+    if content == "DIR":
+        path.mkdir()
+    elif content == "FIFO":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(C.ConfigError) as e:
+        C.load(str(path))
+    assert message in str(e.value)
+    if isinstance(content, bytes) and message.startswith(("duplicate", "key", "alias")):
+        assert str(path) in str(e.value) and "line" in str(e.value)   # where, in which file
+
+
+@pytest.mark.parametrize("run_dir", ["FILE/run", "/proc/crl-test-run"])
+def test_crl_local_refuses_a_run_dir_it_cannot_create(tmp_path, run_dir):
+    import subprocess
+    import sys
+    from helpers import REPO, free_port_block
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    run_dir = run_dir.replace("FILE", str(tmp_path / "FILE"))
+    base = free_port_block(8)
+    out = subprocess.run([sys.executable, "-m", "app.cli", "local", "--run.run_dir", run_dir,
+                          "--service.replay_address", f"127.0.0.1:{base}",
+                          "--service.params_address", f"127.0.0.1:{base + 1}",
+                          "--service.metrics_port", str(base + 2)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text[-2000:]
+    assert f"run.run_dir = {run_dir!r}: cannot create" in text and "Traceback" not in text
 
 
 def test_advice_names_an_over_fetching_learner_and_stays_quiet_otherwise():

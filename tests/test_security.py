@@ -152,19 +152,25 @@ def test_a_client_reads_only_the_ca_and_the_token(certs, tmp_path):
     ({}, {"CRL_PARAMS_TOKEN": "has space"}, "env var CRL_PARAMS_TOKEN (service.token_env)"),
     ({"tls_cert": "NOTPEM", "tls_key": "KEY"}, {}, "service.tls_cert = "),
     ({"tls_cert": "CERT", "tls_key": "CERT"}, {}, "service.tls_key = "),
+    # Once a hang, a crash, or an error only at bind time (issue 16):
+    ({"token_file": "/dev/zero"}, {}, "service.token_file = '/dev/zero': not a regular file"),
+    ({"tls_cert": "FIFO", "tls_key": "KEY"}, {}, "not a regular file (a directory, device or FIFO)"),
+    ({"tls_cert": "CERT", "tls_key": "OTHER_KEY"}, {}, "is not the private key of the certificate"),
 ])
 def test_bad_security_config_names_the_field(certs, tmp_path, fields, env, message):
-    (cert, key), _ = certs
+    import os
+    (cert, key), (_, other_key) = certs
     files = {"EMPTY": "\n", "SPACES": "two words", "NOTPEM": "hello"}
     for k, v in list(fields.items()):
         if v in files:
             p = tmp_path / v
             p.write_text(files[v])
             fields[k] = str(p)
-        elif v == "CERT":
-            fields[k] = str(cert)
-        elif v == "KEY":
-            fields[k] = str(key)
+        elif v == "FIFO":   # nobody writes to it: opening it would block for ever
+            os.mkfifo(tmp_path / "fifo")
+            fields[k] = str(tmp_path / "fifo")
+        elif v in ("CERT", "KEY", "OTHER_KEY"):
+            fields[k] = str({"CERT": cert, "KEY": key, "OTHER_KEY": other_key}[v])
     with pytest.raises(C.ConfigError) as e:
         security_from_config(service_cfg(**fields), server=True, environ=env)
     assert message in str(e.value)
