@@ -72,23 +72,33 @@ def _check_pem(field_name: str, path: str, data: bytes, kind: str) -> bytes:
     return data
 
 
-def _check_key_pair(cert_path: str, key_path: str) -> None:
-    """ConfigError unless the key is the certificate's private key (gRPC would only fail at
-    bind time, with a misleading "failed to bind" error)."""
-    import ssl
+def key_matches_certificate(cert_pem: bytes, key_pem: bytes) -> bool:
+    """True if the private key in key_pem belongs to the (leaf) certificate in cert_pem. Raises
+    ValueError if either does not parse, TypeError if the key is encrypted."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    leaf = x509.load_pem_x509_certificates(cert_pem)[0]
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    pub = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    return key.public_key().public_bytes(*pub) == leaf.public_key().public_bytes(*pub)
 
+
+def _check_key_pair(cert_path: str, cert: bytes, key_path: str, key: bytes) -> None:
+    """ConfigError unless the key is the certificate's (gRPC would fail only at bind time, with
+    a misleading "failed to bind")."""
     from crl.config import ConfigError
+    fields = f"service.tls_cert = {cert_path!r} / service.tls_key = {key_path!r}"
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            cert_path, key_path, password=lambda: b"")   # never prompts for a passphrase
-    except ssl.SSLError as e:
-        why = "is not the private key of the certificate" if "KEY_VALUES_MISMATCH" in str(e) \
-            else f"cannot be used with it ({e.reason or e})"
-        raise ConfigError(f"service.tls_key = {key_path!r} {why} service.tls_cert = "
-                          f"{cert_path!r}: give the key the certificate was issued for") from None
-    except OSError as e:
-        raise ConfigError(f"service.tls_cert = {cert_path!r} / service.tls_key = {key_path!r}: "
-                          f"cannot read them ({e.strerror or e})") from None
+        matches = key_matches_certificate(cert, key)
+    except TypeError:
+        raise ConfigError(f"service.tls_key = {key_path!r}: the key is encrypted; give an "
+                          "unencrypted PEM key (openssl pkey -in KEY -out PLAIN_KEY)") from None
+    except ValueError as e:
+        raise ConfigError(f"{fields}: cannot be parsed ({e})") from None
+    if not matches:
+        raise ConfigError(f"service.tls_key = {key_path!r} is not the private key of the "
+                          f"certificate service.tls_cert = {cert_path!r}: give the key the "
+                          "certificate was issued for")
 
 
 def security_from_config(service, *, server: bool = False, environ=None) -> Security:
@@ -130,7 +140,7 @@ def security_from_config(service, *, server: bool = False, environ=None) -> Secu
                           _read_file("service.tls_cert", service.tls_cert), "CERTIFICATE")
         key = _check_pem("service.tls_key", service.tls_key,
                          _read_file("service.tls_key", service.tls_key), "PRIVATE KEY")
-        _check_key_pair(service.tls_cert, service.tls_key)
+        _check_key_pair(service.tls_cert, cert, service.tls_key, key)
     if not server and (service.tls_ca or service.tls_cert):
         name = "service.tls_ca" if service.tls_ca else "service.tls_cert"
         path = service.tls_ca or service.tls_cert

@@ -240,15 +240,15 @@ def _tls_material(args, namespace: str) -> Tuple[Tuple[bytes, bytes, bytes], str
     chain = _load_certs("--cert", args.cert, cert_pem)
     leaf = chain[0]
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        serialization.load_pem_private_key(key_pem, password=None)   # each parse error named
     except TypeError:
         raise ClusterError(f"--key {args.key!r}: the key is encrypted; give an unencrypted PEM "
                            "key (openssl pkey -in KEY -out PLAIN_KEY)") from None
     except Exception as e:                   # noqa: BLE001 - any parse failure: not a key
         raise ClusterError(f"--key {args.key!r}: not a PEM private key ({type(e).__name__})") \
             from None
-    pub = serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*pub) != leaf.public_key().public_bytes(*pub):
+    from params.security import key_matches_certificate
+    if not key_matches_certificate(cert_pem, key_pem):
         raise ClusterError(f"--key {args.key!r} is not the private key of the certificate in "
                            f"--cert {args.cert!r}")
     now = datetime.datetime.now(datetime.timezone.utc)
