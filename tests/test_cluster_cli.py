@@ -148,6 +148,10 @@ def test_apply_errors(manifests, tmp_path):
     assert proc.returncode == 2 and "network.critic.depth = 6" in proc.stderr
     proc = run("apply", "--manifests", tmp_path / "nope.yaml", "--dry-run")
     assert proc.returncode == 2 and "cannot read manifests" in proc.stderr
+    (tmp_path / "twice.yaml").write_text("algo:\n  batch_size: 64\nalgo:\n  discount: 0.9\n")
+    proc = run("apply", "--name", "p", "--manifests", manifests, "--config",
+               tmp_path / "twice.yaml", "--dry-run")   # the rules of every --config file
+    assert proc.returncode == 2 and "duplicate key 'algo'" in proc.stderr, proc.stderr
     (tmp_path / "empty.yaml").write_text("apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n")
     proc = run("apply", "--manifests", tmp_path / "empty.yaml", "--dry-run")
     assert proc.returncode == 2 and "no ConfigMap crl-config" in proc.stderr

@@ -166,13 +166,7 @@ def resolve_config(manifest_yaml: str, args) -> Tuple[Any, List[str]]:
     data = C.to_dict(C.from_dict(base))          # complete tree, manifests' values
     pinned = {f: _get(data, f) for f in PINNED_FIELDS}
     if getattr(args, "config", None):
-        try:
-            with open(args.config) as f:
-                user = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise C.ConfigError(f"config file {args.config!r}: {e}") from None
-        except yaml.YAMLError as e:
-            raise C.ConfigError(f"config file {args.config!r} is not valid YAML: {e}") from None
+        user = C.read_yaml_file(args.config) or {}   # the same rules as every --config
         data = _deep_merge(data, C.to_dict(C.from_dict(user)) if isinstance(user, dict) else user)
     overrides = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
     cfg = C.override(C.from_dict(data), overrides) if overrides else C.from_dict(data)
