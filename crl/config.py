@@ -374,29 +374,38 @@ class _ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class FileRefused(ValueError):
+    """read_regular_file would not read the file: not a regular file, or too large."""
+
+
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a small regular file (a config, a certificate, a token). Raises OSError if it
+    cannot be read, FileRefused if it is not a regular file or holds more than max_bytes: stat
+    comes first, since opening a FIFO blocks and reading /dev/zero never ends."""
+    import os
+    import stat
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise FileRefused("not a regular file (a directory, device or FIFO)")
+    if st.st_size > max_bytes:
+        raise FileRefused(f"{st.st_size:,} bytes, more than {max_bytes:,}")
+    with open(path, "rb") as f:
+        return f.read(max_bytes + 1)
+
+
 def read_yaml_file(path: str) -> Any:
     """The YAML document in `path`, or ConfigError naming the file and what is wrong with it
     (missing, not a regular file, too large, not UTF-8 text, not valid YAML, _ConfigLoader's
-    rules). Never blocks on a FIFO or reads a device."""
-    import os
-    import stat
+    rules)."""
     try:
-        st = os.stat(path)
+        raw = read_regular_file(path, MAX_CONFIG_BYTES)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except OSError as e:
         raise ConfigError(f"config file {path!r}: cannot read it ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise ConfigError(f"config file {path!r} is {kind}: give the path of a YAML file")
-    if st.st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {path!r} holds {st.st_size:,} bytes, more than a config "
-                          f"({MAX_CONFIG_BYTES:,} at most): is it the right file?")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"config file {path!r}: cannot read it ({e.strerror or e})") from None
+    except FileRefused as e:
+        raise ConfigError(f"config file {path!r}: {e}: give the path of a YAML config "
+                          "(a config is a few KiB)") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

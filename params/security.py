@@ -39,22 +39,16 @@ MAX_SECRET_BYTES = 1 << 20   # a certificate chain is a few KiB
 def read_secret_file(what: str, path: str, error=None) -> bytes:
     """The bytes of a certificate, key or token file; `error` (default ConfigError) naming
     `what` (e.g. "service.tls_cert = '/p'") if it cannot be read or is empty."""
-    import os
-    import stat
+    from crl.config import FileRefused, read_regular_file
     if error is None:
         from crl.config import ConfigError as error
-    try:   # stat first: opening a FIFO blocks, reading /dev/zero never ends
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what}: not a regular file (a directory, device or FIFO): give the "
-                        "file that holds it")
-        if st.st_size > MAX_SECRET_BYTES:
-            raise error(f"{what}: {st.st_size:,} bytes, more than a certificate, key or token "
-                        f"({MAX_SECRET_BYTES:,} at most): is it the right file?")
-        with open(path, "rb") as f:
-            data = f.read(MAX_SECRET_BYTES + 1)
+    try:
+        data = read_regular_file(path, MAX_SECRET_BYTES)
     except OSError as e:
         raise error(f"{what}: cannot read it ({e.strerror or e})") from None
+    except FileRefused as e:
+        raise error(f"{what}: {e}: give the file that holds it (a certificate, key or token "
+                    "is a few KiB)") from None
     if not data.strip():
         raise error(f"{what}: the file is empty")
     return data

@@ -126,12 +126,12 @@ ALIAS_BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p.strip() else 'x
 
 @pytest.mark.parametrize("content, message", [
     (b"\x00\xff\xfe binary", "is not UTF-8 text (byte 1)"),
-    ("DIR", "is a directory: give the path of a YAML file"),
-    ("FIFO", "is not a regular file"),                     # opening it would block for ever
+    ("DIR", "not a regular file (a directory, device or FIFO)"),
+    ("FIFO", "not a regular file (a directory, device or FIFO)"),                     # opening it would block for ever
     (b"algo:\n  batch_size: 64\nalgo:\n  discount: 0.9\n", "duplicate key 'algo'"),
     (b"1: 2\n", "key 1 is not a string"),
     (ALIAS_BOMB.encode(), "alias *a: aliases are not allowed in a config file"),
-    (b"# padding\n" * 200_000, "more than a config"),
+    (b"# padding\n" * 200_000, "2,000,000 bytes, more than 1,048,576"),
     (b"- a\n- b\n", "expected a mapping"),
 ])
 def test_bad_config_files_name_the_file_and_what_is_wrong(tmp_path, content, message):
