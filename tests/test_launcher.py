@@ -19,14 +19,19 @@ from helpers import REPO, free_port_block, stop_process, wait_for
 HANG_S = 15
 
 
+def _stat_fields(pid) -> list:
+    """/proc/<pid>/stat after the command name: [state, ppid, ...] (OSError if it is gone)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     try:   # a zombie (exited, not yet reaped) counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+        return _stat_fields(pid)[0] != "Z"
     except OSError:
         return False
 
@@ -139,9 +144,7 @@ def _children(pid: int) -> dict:
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
+            if int(_stat_fields(entry)[1]) == pid:
                 with open(f"/proc/{entry}/cmdline") as f:
                     found[int(entry)] = f.read().replace("\0", " ")
         except (OSError, ValueError, IndexError):
