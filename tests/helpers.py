@@ -36,6 +36,25 @@ def start_role(args, log_path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
+def wait_for_first_params(address: str, timeout_s: float, proc=None) -> int:
+    """Waits until the ParameterService at address serves a first version and returns it.
+
+    Not the port alone: the learner starts its server, then publishes its initial params, and on
+    a loaded machine a get() between the two finds nothing (None) yet."""
+    import grpc
+    from params import ParameterClient
+    client = ParameterClient(address, timeout_s=5)
+
+    def ready():
+        try:
+            h = client.health()
+        except grpc.RpcError:
+            return None
+        return h["ready"] and h["version"] + 1    # +1: version 0 is a first version too
+    try:
+        return wait_for(ready, timeout_s, f"the first params at {address}", proc=proc) - 1
+    finally:
+        client.close()
 
 
 def random_segments(n, rng, T=100, S=4, A=2):

@@ -17,7 +17,8 @@ from crl import config as C
 from crl.learning import PROGRESS_KEY, progress_template
 from crl.metrics import scrape
 from helpers import (free_port_block, port_open, random_segments as segments,
-                     small_learner_overrides, start_role, stop_process, wait_for, write_all)
+                     small_learner_overrides, start_role, stop_process, wait_for,
+                     wait_for_first_params, write_all)
 from learner.checkpoint import LearnerCheckpointer
 from params import ParameterClient
 from replay.server import rate_limiter_params
@@ -45,7 +46,7 @@ def test_learner_finishes_at_budget_and_a_restart_republishes_the_final_params(t
         learner = start_role(["learner", *args, "--metrics-port", base + 3],
                              tmp_path / "learner1.log")
         procs.append(learner)
-        wait_for(lambda: port_open(base + 1), 180, "the learner to publish", proc=learner)
+        wait_for_first_params(cfg.service.params_address, 180, proc=learner)
         writer = SegmentWriter(cfg.service.replay_address, cfg, 5.0, state_dim=4, action_dim=2)
         client = ParameterClient(cfg.service.params_address, timeout_s=10,
                                  template=progress_template())

@@ -13,7 +13,8 @@ from crl import config as C
 from crl.learning import make_learner
 from params import ParameterClient
 from helpers import (free_port_block, port_open, random_segments as segments,
-                     small_learner_overrides, start_role, stop_process, wait_for, write_all)
+                     small_learner_overrides, start_role, stop_process, wait_for,
+                     wait_for_first_params, write_all)
 from learner.checkpoint import LearnerCheckpointer
 
 
@@ -35,7 +36,7 @@ def test_learner_resumes_from_checkpoint(tmp_path):
         def run_learner_until_idle(log_name, data=None):
             proc = start_role(["learner", *args, "--metrics-port", base + 3], tmp_path / log_name)
             procs.append(proc)
-            wait_for(lambda: port_open(base + 1), 180, "learner to publish")
+            wait_for_first_params(cfg.service.params_address, 180, proc=proc)
             if data is not None:
                 write_all(writer, data)
                 wait_for(lambda: client.health()["version"] > 0, 180, "the first update")
