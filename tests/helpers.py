@@ -36,8 +36,8 @@ def start_role(args, log_path) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
-def wait_for_first_params(address: str, timeout_s: float, proc=None) -> int:
-    """Waits until the ParameterService at address serves a first version and returns it.
+def wait_for_first_params(address: str, timeout_s: float, proc=None) -> None:
+    """Waits until the ParameterService at address serves a first version.
 
     Not the port alone: the learner starts its server, then publishes its initial params, and on
     a loaded machine a get() between the two finds nothing (None) yet."""
@@ -45,14 +45,13 @@ def wait_for_first_params(address: str, timeout_s: float, proc=None) -> int:
     from params import ParameterClient
     client = ParameterClient(address, timeout_s=5)
 
-    def ready():
+    def ready() -> bool:
         try:
-            h = client.health()
+            return client.health()["ready"]
         except grpc.RpcError:
-            return None
-        return h["ready"] and h["version"] + 1    # +1: version 0 is a first version too
+            return False
     try:
-        return wait_for(ready, timeout_s, f"the first params at {address}", proc=proc) - 1
+        wait_for(ready, timeout_s, f"the first params at {address}", proc=proc)
     finally:
         client.close()
 

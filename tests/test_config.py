@@ -127,7 +127,7 @@ ALIAS_BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p.strip() else 'x
 @pytest.mark.parametrize("content, message", [
     (b"\x00\xff\xfe binary", "is not UTF-8 text (byte 1)"),
     ("DIR", "not a regular file (a directory, device or FIFO)"),
-    ("FIFO", "not a regular file (a directory, device or FIFO)"),                     # opening it would block for ever
+    ("FIFO", "not a regular file (a directory, device or FIFO)"),   # opening it would block
     (b"algo:\n  batch_size: 64\nalgo:\n  discount: 0.9\n", "duplicate key 'algo'"),
     (b"1: 2\n", "key 1 is not a string"),
     (ALIAS_BOMB.encode(), "alias *a: aliases are not allowed in a config file"),
