@@ -65,7 +65,8 @@ def check_batch(batch, allowed_ids):
 class ServerProc:
     """`python -m replay.server` in its own process; stopped by PID."""
 
-    def __init__(self, tmp: Path, ckpt_dir: Path, port: int | None = None):
+    def __init__(self, tmp: Path, ckpt_dir: Path, port: int | None = None,
+                 overrides: dict | None = None):
         self.port = port or free_port()
         self.ckpt_dir = ckpt_dir
         ready = tmp / f"ready-{self.port}-{time.monotonic_ns()}"
@@ -73,7 +74,7 @@ class ServerProc:
         cmd = [sys.executable, "-m", "replay.server", "--state-dim", str(STATE_DIM),
                "--action-dim", str(ACTION_DIM), "--port", str(self.port), "--metrics-port", "0",
                "--checkpoint-dir", str(ckpt_dir), "--ready-file", str(ready)]
-        for k, v in OVERRIDES.items():
+        for k, v in {**OVERRIDES, **(overrides or {})}.items():
             cmd += ["--set", f"{k}={v}"]
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
         self._log = open(self.log_path, "w")
@@ -121,8 +122,8 @@ class ServerProc:
 def spawn(tmp_path):
     procs = []
 
-    def _spawn(ckpt_dir, port=None):
-        p = ServerProc(tmp_path, ckpt_dir, port)
+    def _spawn(ckpt_dir, port=None, overrides=None):
+        p = ServerProc(tmp_path, ckpt_dir, port, overrides)
         procs.append(p)
         return p
 
@@ -488,12 +489,19 @@ def _raw_insert_unchecked(address, items):
             tw.flush(timeout_ms=10_000)
 
 
-def test_sampler_quarantines_items_that_do_not_match_the_signature(server):
+def test_sampler_quarantines_items_that_do_not_match_the_signature(spawn, tmp_path):
     """A wrong-shaped and a wrong-dtype item written by a raw client are stored by the server;
     the sampler deletes both (by key), counts and logs them, never reports replay unavailable,
-    and every batch it serves holds only the written good segments, intact."""
+    and every batch it serves holds only the written good segments, intact.
+
+    The sampler finds a bad item only when a uniform draw picks it, so this server's rate
+    limiter allows samples_per_insert 100 (utd 2.5): 6 items allow 400 draws, and a given item
+    escapes them with probability (5/6)^400 < 1e-31. With the module server's 2 draws per insert
+    the table had to grow to get draws and each bad item's share of them shrank: a CI run
+    (2026-12-06) ended its 90 s with the wrong-dtype item never drawn."""
     from prometheus_client import REGISTRY
     from replay import ReplayUnavailable
+    server = spawn(tmp_path / "ckpt", overrides={"replay.utd": 2.5})
     metric = "crl_replay_client_items_quarantined_total"
     before = REGISTRY.get_sample_value(metric) or 0.0
     w = new_writer(server.address, timeout_s=2.0)
