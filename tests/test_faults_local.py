@@ -59,10 +59,11 @@ HANG_S = 30.0                    # a hang shorter than the launcher's hang timeo
 class Monitor(threading.Thread):
     """Scrapes every role's /metrics and the learner's Health about once a second.
 
-    Each observation is stamped with the time its request STARTED: one stamped after an event
-    (a kill, a SIGCONT) was asked for after it, so it can only come from the process's new life.
-    Stamped at the reply, an answer the old learner gave just before its SIGKILL was once stamped
-    after the kill and taken for the restarted learner's first version."""
+    Each metrics row and Health version is stamped with the time its request STARTED: one
+    stamped after an event (a kill, a SIGCONT) was asked for after it, so it can only come from
+    the process's new life. Stamped at the reply, an answer the old learner gave just before its
+    SIGKILL was once stamped after the kill and taken for the restarted learner's first version.
+    (UTD points are stamped at replay's reply; they only place a point inside a window.)"""
 
     def __init__(self, urls, health_client, replay_address):
         super().__init__(daemon=True, name="fault-monitor")
