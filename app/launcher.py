@@ -374,6 +374,14 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
             for c in group:
                 exits[c.name] = c.wait_or_kill(STOP_TIMEOUT_S)
         _write_pids(run_dir, children)   # {} once everything stopped
+        # Each role's own figures at its end (an actor's last flush came after the scrape above);
+        # the last scrape stays for a role that wrote none (killed at the stop timeout).
+        final_metrics = []
+        for c in children:
+            own = M.read_final_metrics(run_dir, c.name, c.proc.pid) if c.proc else None
+            if own is not None:
+                scraped[c.name] = own
+                final_metrics.append(c.name)
         for s, h in previous.items():
             signal.signal(s, h)
         # The learner's last scrape can predate its final calls (the owed ones at the budget):
@@ -390,7 +398,8 @@ def run(cfg: Config, *, progress_every_s: float = 5.0, startup_timeout_s: float 
                                 ("crl_learner_params_version", "params_version")):
                 if final.get(key) is not None:
                     lm[metric] = final[key]
-        summary = {"metrics": scraped, "learner_final": final, "exit_codes": exits,
+        summary = {"metrics": scraped, "final_metrics": final_metrics,
+                   "learner_final": final, "exit_codes": exits,
                    "finished": read_marker(marker_path(run_dir)),
                    "finished_by_themselves": [c.name for c in followers if c.finished],
                    "restarts": {c.name: c.restarts for c in children},

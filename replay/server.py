@@ -564,12 +564,15 @@ class ReplayServer:
 
     def _poll_loop(self):
         while not self._stop_event.wait(self._poll_s):
-            try:
-                info = self._client.server_info(self._timeout_int())[TABLE]
-            except Exception as e:   # server busy (checkpoint) or stopping: keep the last snapshot
-                log.debug("replay metrics poll failed: %s", e)
-                continue
-            self._record(info)
+            self._poll_once()
+
+    def _poll_once(self) -> None:
+        try:
+            info = self._client.server_info(self._timeout_int())[TABLE]
+        except Exception as e:   # server busy (checkpoint) or stopping: keep the last snapshot
+            log.debug("replay metrics poll failed: %s", e)
+            return
+        self._record(info)
 
     def _record(self, info) -> None:
         """Keeps the snapshot; the exported counts never go back (a client's reset() empties
@@ -642,6 +645,7 @@ class ReplayServer:
         finally:
             for t in self._threads:
                 t.join(timeout=self._rpc_timeout_s)
+            self._poll_once()   # the final figures: after the last insert and the final checkpoint
             self._server.stop()
             if self._http is not None:
                 self._http.shutdown()
@@ -695,6 +699,9 @@ def run(cfg, state_dim: int, action_dim: int, *, port: Optional[int] = None,
             log.info("replay: signal received, checkpointing and stopping")
         finally:
             server.stop()
+        # After the final checkpoint (its counters included); the collector reads cached figures.
+        from crl.metrics import write_final_metrics
+        write_final_metrics(cfg.run.run_dir, "replay", log, server.registry)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

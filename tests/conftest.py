@@ -25,7 +25,7 @@ TIERS = {
              "test_placement", "test_tensorboard", "test_dockerfile", "test_presets",
              "test_params_service", "test_bad_input", "test_learner_checkpoint",
              "test_gpu_install", "test_layering", "test_wandb", "test_params_follower",
-             "test_learner_loop"],
+             "test_learner_loop", "test_metrics"],
     "envs": ["test_brax_envs", "test_arm_envs", "test_quiet_mjx"],
     "integration": ["test_replay", "test_replay_writer", "test_actor_role", "test_learner_resume",
                     "test_learner_publisher", "test_learner_finish", "test_evaluator",

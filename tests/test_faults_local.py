@@ -830,6 +830,10 @@ def test_sigterm_every_role_exits_0_in_bounded_time_with_state_saved(scenario):
     assert set(s["exit_codes"]) == {"replay", "learner", "evaluator", "actor0", "actor1"}
     assert all(code == 0 for code in s["exit_codes"].values()), s["exit_codes"]
     assert all(t is not None and t < STOP_BOUND_S for t in s["stop_s"].values()), s["stop_s"]
+    # The summary holds each role's own figures at its exit (the actors' last flushes included).
+    assert set(s["final_metrics"]) == set(s["exit_codes"]), s["final_metrics"]
+    assert all(s["metrics"][a]["crl_actor_segments_dropped_total"] == 0
+               for a in ("actor0", "actor1")), s["metrics"]
     run = scenario["run"]
     final = r["learner_final"]
     assert final["stopped_by"] == "signal"

@@ -75,6 +75,28 @@ def test_both_actors_pick_up_new_versions_and_lag_is_bounded(local_run):
     assert 0 <= learner["crl_learner_policy_lag"] <= final["params_version"]
 
 
+def test_summary_holds_each_roles_own_final_figures(local_run):
+    """summary.json's metrics are what each role recorded as it exited (final_metrics/), not the
+    launcher's last scrape, which predates the actors' last writes (they stop by themselves at
+    the budget): replay counted every segment the actors had confirmed, and beyond those at most
+    the ones they gave up on at the end (held by the rate limiter once the learner stopped
+    sampling, counted as dropped)."""
+    _, run_dir = local_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["final_metrics"]) == {"replay", "learner", "evaluator", "actor0", "actor1"}
+    m = summary["metrics"]
+    actors = ("actor0", "actor1")
+    written = sum(m[a]["crl_actor_segments_written_total"] for a in actors)
+    dropped = sum(m[a]["crl_actor_segments_dropped_total"] for a in actors)
+    inserts = m["replay"]["crl_replay_inserts_total"]
+    # Reverb delivers at least once: a writer rebuilt after a failed probe may re-send segments,
+    # so the upper bound holds when no actor reconnected to replay.
+    reconnects = sum(m[a].get('crl_actor_reconnects_total{to="replay"}', 0) for a in actors)
+    assert 0 < written <= inserts, (written, inserts)
+    if reconnects == 0:
+        assert inserts <= written + dropped, (written, dropped, inserts)
+
+
 def test_evaluation_beats_random_policy(local_run):
     _, run_dir = local_run
     rows = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
